@@ -1,0 +1,21 @@
+"""sam_optax: sharpness-aware minimization as optax transformations.
+
+Sharpness-aware training is a one-line change to an optax optimizer::
+
+  tx = optax.chain(sam_optax.sam(loss_fn, rho=0.05), optax.sgd(0.1, 0.9))
+  updates, opt_state = tx.update(grads, opt_state, params, batch=batch)
+"""
+
+from sam_optax._src.asam import asam
+from sam_optax._src.inject import inject_hyperparams
+from sam_optax._src.sam import SAMState
+from sam_optax._src.sam import sam
+
+__version__ = '0.1.0'
+
+__all__ = (
+    'SAMState',
+    'asam',
+    'inject_hyperparams',
+    'sam',
+)

@@ -1,0 +1,147 @@
+"""Early, explicit errors for bad input: each names the problem and the fix."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _is_concrete(value: Any) -> bool:
+  return not isinstance(value, jax.core.Tracer)
+
+
+def check_loss_fn(owner: str, loss_fn: Any) -> None:
+  if not callable(loss_fn):
+    raise TypeError(
+        f'{owner}: loss_fn must be a callable `loss_fn(params, **loss_kwargs)`'
+        f' returning a scalar loss, got {type(loss_fn).__name__}. Pass the'
+        ' loss function itself, e.g. sam(loss_fn, rho=0.05).'
+    )
+
+
+def check_hyperparameter(
+    owner: str, name: str, value: Any, *, allow_zero: bool = True
+) -> None:
+  """A non-negative (or positive) number, a scalar array, or a schedule."""
+  if callable(value):
+    return  # An optax schedule `count -> value`, checked when evaluated.
+  if isinstance(value, bool) or not isinstance(
+      value, (numbers.Real, np.ndarray, jax.Array)
+  ):
+    raise TypeError(
+        f'{owner}: {name} must be a number or an optax schedule'
+        f' (count -> value), got {type(value).__name__} {value!r}.'
+    )
+  if jnp.ndim(value) != 0:
+    raise ValueError(
+        f'{owner}: {name} must be a scalar, got an array of shape'
+        f' {jnp.shape(value)}.'
+    )
+  if not _is_concrete(value):
+    return  # Traced (e.g. under optax.inject_hyperparams): checked by user.
+  number = float(value)
+  if not np.isfinite(number):
+    raise ValueError(f'{owner}: {name} must be finite, got {number}.')
+  if number < 0 or (number == 0 and not allow_zero):
+    bound = '>= 0' if allow_zero else '> 0'
+    raise ValueError(
+        f'{owner}: {name} must be {bound}, got {number}. It is a radius or a'
+        ' scale: use a non-negative value (rho=0 gives the base optimizer).'
+    )
+
+
+def check_static_int(owner: str, name: str, value: Any, minimum: int) -> int:
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(
+        f'{owner}: {name} must be a static Python int, got a traced value. '
+        'Under optax.inject_hyperparams, use sam_optax.inject_hyperparams, or'
+        f" pass static_args=('loss_fn', '{name}', ...)."
+    )
+  if isinstance(value, bool) or not isinstance(
+      value, (numbers.Integral, np.integer, np.ndarray, jax.Array)
+  ) or jnp.ndim(value) != 0:
+    raise TypeError(
+        f'{owner}: {name} must be an int >= {minimum}, got {value!r}.'
+    )
+  number = int(value)
+  if number < minimum:
+    raise ValueError(
+        f'{owner}: {name} must be an int >= {minimum}, got {number}.'
+    )
+  return number
+
+
+def check_params_given(owner: str, params: Any) -> None:
+  if params is None:
+    raise ValueError(
+        f'{owner}: update() needs the current parameters, because the'
+        ' gradient is re-evaluated at params + eps. Call'
+        ' `tx.update(grads, opt_state, params, **loss_kwargs)`.'
+    )
+
+
+def check_same_tree(owner: str, updates: Any, params: Any) -> None:
+  """The incoming gradient must have the structure and shapes of params."""
+  updates_def = jax.tree.structure(updates)
+  params_def = jax.tree.structure(params)
+  if updates_def != params_def:
+    raise ValueError(
+        f'{owner}: the gradient tree does not match the params tree.\n'
+        f'  gradient: {updates_def}\n  params:   {params_def}\n'
+        'Pass the gradient of loss_fn with respect to exactly these params'
+        ' (e.g. jax.grad(loss_fn)(params, ...)).'
+    )
+  for path, g, p in zip(
+      jax.tree_util.tree_flatten_with_path(updates)[0],
+      jax.tree.leaves(updates),
+      jax.tree.leaves(params),
+  ):
+    if jnp.shape(g) != jnp.shape(p):
+      raise ValueError(
+          f'{owner}: gradient leaf {jax.tree_util.keystr(path[0])} has shape'
+          f' {jnp.shape(g)} but the parameter has shape {jnp.shape(p)}.'
+      )
+
+
+def checked_scalar_loss(
+    owner: str, loss_fn: Callable[..., Any], has_aux: bool
+) -> Callable[..., jax.Array]:
+  """Wraps loss_fn so that it returns a checked scalar (aux is dropped)."""
+
+  def scalar_loss(params, loss_kwargs):
+    out = loss_fn(params, **loss_kwargs)
+    if has_aux:
+      if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise TypeError(
+            f'{owner}: has_aux=True, so loss_fn must return a pair'
+            f' (loss, aux), but it returned {type(out).__name__}. Return'
+            ' (loss, aux) or construct the transformation with has_aux=False.'
+        )
+      loss = out[0]
+    else:
+      if isinstance(out, (tuple, list)):
+        raise TypeError(
+            f'{owner}: loss_fn returned a {type(out).__name__} of length'
+            f' {len(out)}, not a scalar. If it returns (loss, aux), construct'
+            ' the transformation with has_aux=True.'
+        )
+      loss = out
+    loss = jnp.asarray(loss)
+    if loss.shape != ():
+      raise ValueError(
+          f'{owner}: loss_fn must return a scalar, but its loss has shape'
+          f' {loss.shape}. Reduce it to one number, e.g. `.mean()` over the'
+          ' batch.'
+      )
+    if not jnp.issubdtype(loss.dtype, jnp.floating):
+      raise TypeError(
+          f'{owner}: loss_fn must return a floating-point scalar, got dtype'
+          f' {loss.dtype}.'
+      )
+    return loss
+
+  return scalar_loss
