@@ -47,6 +47,9 @@ class Ascent:
     state: the transformation's state before this update.
     loss_at: ``loss_at(w') -> L(w')``, a forward pass on the same minibatch
       (aux dropped), for variants that probe the loss.
+    axis_name: the device axis (pmap / shard_map) when the transformation
+      runs per device, else None; a combine step that chooses something from
+      local values (e.g. XSAM's probe) must agree across it.
   """
 
   clean_grad: PyTree
@@ -58,6 +61,7 @@ class Ascent:
   count: jax.Array
   state: Any
   loss_at: Callable[[PyTree], jax.Array]
+  axis_name: Optional[str] = None
 
 
 # combine(ascent) -> (gradient handed on, {extra state field: value}).
