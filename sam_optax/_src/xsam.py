@@ -1,0 +1,313 @@
+"""XSAM: explicit sharpness-aware minimization (Chen & Zhou, 2026)."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sam_optax._src import pipeline
+from sam_optax._src import sam as sam_lib
+from sam_optax._src import tree_math
+from sam_optax._src import validation
+
+# Below this sin(theta) the plane is degenerate (v0, v1 (anti)parallel or
+# zero) and the slerp is replaced by its theta -> 0 limit.
+_SIN_THETA_FLOOR = 1e-8
+
+
+class XSAMState(NamedTuple):
+  """State of `xsam`: the step count, alpha, the last probe and diagnostics.
+
+  Attributes:
+    count: number of updates so far (int32); schedules and the probe period
+      are evaluated on it.
+    perturbed_loss: L(w + eps) at the last update, float32.
+    grad_norm: ||g0||, the norm of the last incoming (clean) gradient.
+    cosine: cos(g0, g) between the clean gradient and the gradient handed on.
+    alpha: the interpolation fraction used by the last update (float32);
+      between probes the probed value is kept here.
+    probe_losses: the losses L(w0 + rho_max d(alpha_j)) over the alpha grid
+      at the last probe (float32, one entry per grid point; zeros until the
+      first probe), so the loss along the arc can be logged and plotted.
+  """
+
+  count: jax.Array
+  perturbed_loss: jax.Array
+  grad_norm: jax.Array
+  cosine: jax.Array
+  alpha: jax.Array
+  probe_losses: jax.Array
+
+
+def alpha_grid(alpha_max: float, alpha_step: float) -> np.ndarray:
+  """The probe's candidates ``0, alpha_step, 2 alpha_step, ... <= alpha_max``.
+
+  The grid is static (its length is a shape in the state). A point within
+  1e-6 relative of ``alpha_max`` counts as on the grid, so ``(2.0, 0.1)``
+  gives the 21 points 0, 0.1, ..., 2.0.
+  """
+  count = int(np.floor(alpha_max / alpha_step * (1 + 1e-6))) + 1
+  return (np.arange(count, dtype=np.float64) * alpha_step).astype(np.float32)
+
+
+def _check_static_positive(owner: str, name: str, value: Any) -> float:
+  if isinstance(value, jax.core.Tracer) or callable(value):
+    raise TypeError(
+        f'{owner}: {name} must be a static Python number (it fixes the size'
+        f' of the alpha grid, a shape in the state), got {value!r}.'
+    )
+  if isinstance(value, bool) or not isinstance(
+      value, (numbers.Real, np.ndarray, jax.Array)
+  ) or np.ndim(value) != 0:
+    raise TypeError(f'{owner}: {name} must be a number > 0, got {value!r}.')
+  number = float(value)
+  if not np.isfinite(number) or number <= 0:
+    raise ValueError(f'{owner}: {name} must be a finite number > 0, got'
+                     f' {number}.')
+  return number
+
+
+def _plane(ascent: pipeline.Ascent):
+  """v0, the norm of g_k, and the slerp coefficients' ingredients."""
+  displacement = ascent.displacement
+  v0 = tree_math.tree_scale(
+      tree_math.safe_inverse(tree_math.tree_norm(displacement)), displacement
+  )
+  grad_k = jax.tree.map(tree_math._wide, ascent.perturbed_grad)
+  grad_k_norm = tree_math.tree_norm(grad_k)
+  # <v0, v1> with v1 = g_k / ||g_k||; clipped so that rounding past +-1 never
+  # reaches arccos as a NaN.
+  cos_theta = jnp.clip(
+      tree_math.tree_vdot(v0, grad_k) * tree_math.safe_inverse(grad_k_norm),
+      -1.0,
+      1.0,
+  )
+  theta = jnp.arccos(cos_theta)
+  return v0, grad_k, grad_k_norm, theta
+
+
+def _slerp_coefficients(alpha: jax.Array, theta: jax.Array):
+  """(c0, c1) with d(alpha) = c0 v0 + c1 v1.
+
+  ``c0 = sin((1 - alpha) theta) / sin(theta)``, ``c1 = sin(alpha theta) /
+  sin(theta)``; where ``sin(theta) < 1e-8`` the theta -> 0 limit
+  ``(1 - alpha, alpha)`` (a select, and a guarded division: no NaN in either
+  branch).
+  """
+  sin_theta = jnp.sin(theta)
+  degenerate = sin_theta < _SIN_THETA_FLOOR
+  safe_sin = jnp.where(degenerate, 1.0, sin_theta)
+  c0 = jnp.where(degenerate, 1.0 - alpha, jnp.sin((1.0 - alpha) * theta)
+                 / safe_sin)
+  c1 = jnp.where(degenerate, alpha, jnp.sin(alpha * theta) / safe_sin)
+  return c0, c1
+
+
+def _combine(grid: np.ndarray, probe_every: Optional[int],
+             probe_batch_size: Optional[int]) -> pipeline.Combine:
+  """XSAM's combine piece: probe (on its steps), then ||g_k|| d(alpha)."""
+
+  def combine(ascent: pipeline.Ascent):
+    v0, grad_k, grad_k_norm, theta = _plane(ascent)
+    # ||g_k|| v1 is g_k itself (for g_k = 0 both are 0): using g_k keeps
+    # alpha = 1 bit-for-bit equal to SAM.
+    unit_k = tree_math.tree_scale(tree_math.safe_inverse(grad_k_norm), grad_k)
+
+    if probe_every is None:
+      alpha = ascent.hyperparams['alpha']
+      probe_losses = ascent.state.probe_losses
+    else:
+      rho_max = ascent.hyperparams['rho_max']
+      params = ascent.params
+
+      def probe_loss(a):
+        c0, c1 = _slerp_coefficients(a, theta)
+        point = jax.tree.map(
+            lambda p, x, y: (
+                tree_math._wide(p) + rho_max * (c0 * x + c1 * y)
+            ).astype(p.dtype),
+            params, v0, unit_k,
+        )
+        return jnp.asarray(ascent.loss_at(point), jnp.float32)
+
+      def probe(_):
+        losses = jax.lax.map(probe_loss, jnp.asarray(grid),
+                             batch_size=probe_batch_size)
+        if ascent.axis_name is not None:
+          # Every device must choose the same alpha.
+          losses = jax.lax.pmean(losses, ascent.axis_name)
+        # argmax takes the first maximum: ties go to the smaller alpha. A NaN
+        # loss is never chosen.
+        best = jnp.argmax(jnp.where(jnp.isnan(losses), -jnp.inf, losses))
+        return jnp.asarray(grid)[best], losses
+
+      def keep(_):
+        return ascent.state.alpha, ascent.state.probe_losses
+
+      alpha, probe_losses = jax.lax.cond(
+          ascent.count % probe_every == 0, probe, keep, None
+      )
+
+    c0, c1 = _slerp_coefficients(alpha, theta)
+    scale0 = c0 * grad_k_norm
+    out = jax.tree.map(lambda x, y: scale0 * x + c1 * y, v0, grad_k)
+    return out, {
+        'alpha': jnp.asarray(alpha, jnp.float32),
+        'probe_losses': probe_losses,
+    }
+
+  return combine
+
+
+def xsam(
+    loss_fn: Callable[..., Any],
+    rho: pipeline.ScalarOrSchedule = 0.15,
+    *,
+    rho_max: pipeline.ScalarOrSchedule = 0.3,
+    probe_every: Optional[int] = 100,
+    alpha: pipeline.ScalarOrSchedule = 1.0,
+    alpha_max: float = 2.0,
+    alpha_step: float = 0.1,
+    probe_batch_size: Optional[int] = None,
+    ascent_steps: int = 1,
+    has_aux: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Explicit SAM: the update points at the loss maximum found in a plane.
+
+  XSAM takes SAM's ascent to :math:`w_k` (k normalized steps of total length
+  :math:`\rho`) and the gradient :math:`g_k = \nabla L(w_k)` found there, and
+  searches the plane of
+
+  .. math::
+
+    v_0 = \frac{w_k - w_0}{\|w_k - w_0\|}, \qquad
+    v_1 = \frac{g_k}{\|g_k\|}, \qquad
+    \theta = \arccos \mathrm{clip}(\langle v_0, v_1 \rangle, -1, 1)
+
+  for the direction of the loss maximum, along the spherical interpolation
+
+  .. math::
+
+    d(\alpha) = \frac{\sin((1-\alpha)\theta)\, v_0 + \sin(\alpha\theta)\,
+    v_1}{\sin\theta}, \qquad g = \|g_k\|\, d(\alpha).
+
+  Every ``probe_every`` steps (steps 0, p, 2p, ... of this transformation,
+  before that step's update, on that step's minibatch) a probe evaluates
+  :math:`L(w_0 + \rho_{\max} d(\alpha))` -- forward passes only -- for
+  :math:`\alpha \in \{0, \Delta, 2\Delta, \dots, \alpha_{\max}\}` and keeps
+  the alpha of the largest loss (ties: the smaller alpha). Between probes
+  alpha is kept in the state while :math:`v_0, v_1, \theta` are recomputed at
+  every step. The probe is a `jax.lax.cond` branch, so steps without it pay
+  only the few vector operations of the slerp on top of SAM.
+
+  ``alpha=1`` gives :math:`v_1`, i.e. SAM's gradient; ``alpha=0`` gives the
+  ascent direction (the paper's "SGD+"); ``alpha>1`` goes past :math:`v_1`.
+  With ``probe_every=None`` there is no probe and the update uses ``alpha``
+  (a number or a schedule) at every step; ``xsam(f, rho, probe_every=None,
+  alpha=1.0)`` is bit-for-bit ``sam(f, rho)``. With the probe on, ``alpha``
+  is only the state's value before the first probe (which runs on step 0).
+
+  Degenerate planes (:math:`\sin\theta < 10^{-8}`: zero or (anti)parallel
+  vectors) use the :math:`\theta \to 0` limit
+  :math:`(1-\alpha) v_0 + \alpha v_1`; norms and dot products are float32;
+  zero gradients give a zero update, never NaN. When the pipeline runs per
+  device (``Ascent.axis_name``), the probe's losses are averaged over that
+  axis before choosing, so every device uses the same alpha.
+
+  The defaults were chosen from measurements on the MNIST-1D example
+  (benchmarks/results/xsam_defaults.md); the paper's CIFAR values are
+  rho=0.15, rho_max=0.3 and the grid 0..2 step 0.1, probing once per epoch.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, sam_optax
+    >>> def loss_fn(params, batch):
+    ...   return jnp.mean((batch['x'] @ params['w'] - batch['y']) ** 4)
+    >>> params = {'w': jnp.array([1.0, -0.5, 0.25])}
+    >>> batch = {'x': jnp.eye(3), 'y': jnp.zeros(3)}
+    >>> tx = optax.chain(sam_optax.xsam(loss_fn, rho=0.1, rho_max=0.2),
+    ...                  optax.sgd(0.1))
+    >>> opt_state = tx.init(params)
+    >>> grads = jax.grad(loss_fn)(params, batch=batch)
+    >>> updates, opt_state = tx.update(grads, opt_state, params, batch=batch)
+    >>> print(opt_state[0].alpha, opt_state[0].probe_losses.shape)
+    1.9 (21,)
+
+  Args:
+    loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar loss, or
+      ``(loss, aux)`` with ``has_aux=True`` (aux of the perturbed and probe
+      passes is dropped).
+    rho: total ascent length, a number >= 0 or an optax schedule.
+    rho_max: the probe's radius, a number > 0 or a schedule.
+    probe_every: probe period in steps (an int >= 1), or ``None`` for no
+      probe and a fixed (or scheduled) ``alpha``.
+    alpha: the interpolation fraction without a probe (a number >= 0 or a
+      schedule); with the probe, the state's value before the first probe.
+    alpha_max: the largest alpha the probe tries, a static number > 0.
+    alpha_step: the spacing of the probe's alpha grid, a static number in
+      ``(0, alpha_max]``.
+    probe_batch_size: how many grid points are evaluated at once:
+      ``None`` (default) one at a time with `jax.lax.map` (memory of one
+      forward pass), the grid length for a single `jax.vmap` (fastest, memory
+      of all of them), or anything between.
+    ascent_steps: number of normalized ascent steps (k >= 1); v0 is the
+      direction of the whole displacement :math:`w_k - w_0`.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose state is an `XSAMState`.
+
+  References:
+    Chen & Zhou, `Revisiting Sharpness-Aware Minimization: A More Faithful
+    and Effective Implementation <https://arxiv.org/abs/2603.10048>`_,
+    ICLR 2026.
+  """
+  owner = 'xsam'
+  validation.check_hyperparameter(owner, 'rho', rho)
+  validation.check_hyperparameter(owner, 'rho_max', rho_max, allow_zero=False)
+  validation.check_hyperparameter(owner, 'alpha', alpha)
+  alpha_max = _check_static_positive(owner, 'alpha_max', alpha_max)
+  alpha_step = _check_static_positive(owner, 'alpha_step', alpha_step)
+  if alpha_step > alpha_max:
+    raise ValueError(
+        f'{owner}: alpha_step ({alpha_step}) must not exceed alpha_max'
+        f' ({alpha_max}); the probe grid is 0, alpha_step, ..., alpha_max.'
+    )
+  grid = alpha_grid(alpha_max, alpha_step)
+  if grid.size > 10_000:
+    raise ValueError(
+        f'{owner}: alpha_max / alpha_step gives {grid.size} probe points, each'
+        ' a forward pass; use a coarser alpha_step (e.g. 0.1).'
+    )
+  if probe_every is not None:
+    probe_every = validation.check_static_int(
+        owner, 'probe_every', probe_every, minimum=1
+    )
+  if probe_batch_size is not None:
+    probe_batch_size = validation.check_static_int(
+        owner, 'probe_batch_size', probe_batch_size, minimum=1
+    )
+
+  def init_extra(params):
+    del params
+    initial = alpha(0) if callable(alpha) else alpha
+    return {
+        'alpha': jnp.asarray(initial, jnp.float32),
+        'probe_losses': jnp.zeros(grid.shape, jnp.float32),
+    }
+
+  return pipeline.sharpness_aware(
+      loss_fn,
+      owner=owner,
+      hyperparams={'rho': rho, 'rho_max': rho_max, 'alpha': alpha},
+      direction=sam_lib.normalized_direction,
+      state_type=XSAMState,
+      ascent_steps=ascent_steps,
+      has_aux=has_aux,
+      combine=_combine(grid, probe_every, probe_batch_size),
+      init_extra=init_extra,
+  )
