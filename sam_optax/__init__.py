@@ -10,12 +10,16 @@ from sam_optax._src.asam import asam
 from sam_optax._src.inject import inject_hyperparams
 from sam_optax._src.sam import SAMState
 from sam_optax._src.sam import sam
+from sam_optax._src.xsam import XSAMState
+from sam_optax._src.xsam import xsam
 
 __version__ = '0.1.0'
 
 __all__ = (
     'SAMState',
+    'XSAMState',
     'asam',
     'inject_hyperparams',
     'sam',
+    'xsam',
 )
