@@ -8,6 +8,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 
 def _is_concrete(value: Any) -> bool:
@@ -81,6 +82,21 @@ def check_params_given(owner: str, params: Any) -> None:
         f'{owner}: update() needs the current parameters, because the'
         ' gradient is re-evaluated at params + eps. Call'
         ' `tx.update(grads, opt_state, params, **loss_kwargs)`.'
+    )
+  masked = [
+      leaf
+      for leaf in jax.tree.leaves(
+          params, is_leaf=lambda x: isinstance(x, optax.MaskedNode)
+      )
+      if isinstance(leaf, optax.MaskedNode)
+  ]
+  if masked:
+    raise ValueError(
+        f'{owner}: params contain optax.MaskedNode leaves, so it runs inside'
+        ' optax.masked, but loss_fn needs every parameter to re-evaluate the'
+        ' gradient. Put the sharpness-aware transformation outside the mask'
+        ' and mask the base optimizer (or weight decay) instead; to exempt'
+        ' parameters from the adaptive metric, use asam(adaptive_mask=...).'
     )
 
 

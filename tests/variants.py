@@ -1,0 +1,28 @@
+"""The sharpness-aware transformations that the shared battery runs over.
+
+Every variant, present and future, adds one entry here: the battery in
+test_battery.py then checks convergence, jit stability, inject_hyperparams,
+low-precision dtypes, zero gradients, rho = 0, schedules and bad input for it.
+"""
+
+import dataclasses
+from typing import Any, Callable
+
+import sam_optax
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  name: str
+  factory: Callable[..., Any]
+  kwargs: dict = dataclasses.field(default_factory=dict)
+
+  def make(self, loss_fn, rho, **kwargs):
+    return self.factory(loss_fn, rho=rho, **{**self.kwargs, **kwargs})
+
+
+VARIANTS = [
+    Variant('sam', sam_optax.sam),
+    Variant('sam_k2', sam_optax.sam, {'ascent_steps': 2}),
+    Variant('asam', sam_optax.asam, {'eta': 0.01}),
+]
