@@ -7,6 +7,10 @@ Sharpness-aware training is a one-line change to an optax optimizer::
 """
 
 from sam_optax._src.asam import asam
+from sam_optax._src.devices import MeshChunks
+from sam_optax._src.devices import chunked_value_and_grad
+from sam_optax._src.devices import mesh_chunks
+from sam_optax._src.devices import shard_batch
 from sam_optax._src.inject import inject_hyperparams
 from sam_optax._src.sam import SAMState
 from sam_optax._src.sam import sam
@@ -16,10 +20,14 @@ from sam_optax._src.xsam import xsam
 __version__ = '0.1.0'
 
 __all__ = (
+    'MeshChunks',
     'SAMState',
     'XSAMState',
     'asam',
+    'chunked_value_and_grad',
     'inject_hyperparams',
+    'mesh_chunks',
     'sam',
+    'shard_batch',
     'xsam',
 )

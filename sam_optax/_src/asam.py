@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Hashable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from sam_optax._src import devices
 from sam_optax._src import pipeline
 from sam_optax._src import sam as sam_lib
 from sam_optax._src import tree_math
@@ -70,6 +71,12 @@ def asam(
     adaptive_mask: Optional[AdaptiveMask] = None,
     ascent_steps: int = 1,
     has_aux: bool = False,
+    axis_name: Optional[Hashable] = None,
+    sync_perturbation: bool = False,
+    axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+    chunk_size: Optional[int] = None,
+    chunk_mode: devices.ChunkMode = 'sequential',
+    shared_perturbation: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adaptive SAM: a neighbourhood whose radius scales with each weight.
 
@@ -114,6 +121,24 @@ def asam(
       bools like params, or a predicate ``(path, leaf) -> bool``.
     ascent_steps: number of ascent steps (k >= 1).
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    axis_name: inside `jax.pmap` / `jax.shard_map`, the device axis: each
+      device perturbs with its own gradient and the result is averaged over
+      the axis (one all-reduce per step, like data-parallel SGD).
+    sync_perturbation: with ``axis_name``, perturb with the axis-averaged
+      gradient instead (SAM on the global batch, one more all-reduce).
+    axis_index_groups: with ``sync_perturbation`` (pmap only), average inside
+      these groups of devices, e.g. ``[[0, 1], [2, 3]]``.
+    chunk_size: m-sharpness inside the step: split the batch (every array of
+      the loss keyword arguments with a leading batch dimension) into chunks
+      of m examples, each with its own perturbation (and its own clean
+      gradient: one extra pass over the batch); the results are averaged.
+    chunk_mode: ``'sequential'`` (`jax.lax.scan`, memory of one chunk),
+      ``'vectorized'`` (`jax.vmap`) or `sam_optax.mesh_chunks` (vectorized,
+      chunks laid over a mesh axis under `jax.jit`).
+    shared_perturbation: with ``chunk_size``, one perturbation for the whole
+      batch with gradients accumulated over the chunks -- SAM on batches that
+      do not fit in memory; ``updates`` must then be the full-batch gradient
+      (e.g. from `sam_optax.chunked_value_and_grad`).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a `SAMState`.
@@ -135,4 +160,10 @@ def asam(
       state_type=sam_lib.SAMState,
       ascent_steps=ascent_steps,
       has_aux=has_aux,
+      axis_name=axis_name,
+      sync_perturbation=sync_perturbation,
+      axis_index_groups=axis_index_groups,
+      chunk_size=chunk_size,
+      chunk_mode=chunk_mode,
+      shared_perturbation=shared_perturbation,
   )

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Hashable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sam_optax._src import devices
 from sam_optax._src import pipeline
 from sam_optax._src import sam as sam_lib
 from sam_optax._src import tree_math
@@ -176,6 +177,12 @@ def xsam(
     probe_batch_size: Optional[int] = None,
     ascent_steps: int = 1,
     has_aux: bool = False,
+    axis_name: Optional[Hashable] = None,
+    sync_perturbation: bool = False,
+    axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+    chunk_size: Optional[int] = None,
+    chunk_mode: devices.ChunkMode = 'sequential',
+    shared_perturbation: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Explicit SAM: the update points at the loss maximum found in a plane.
 
@@ -257,6 +264,25 @@ def xsam(
     ascent_steps: number of normalized ascent steps (k >= 1); v0 is the
       direction of the whole displacement :math:`w_k - w_0`.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    axis_name: inside `jax.pmap` / `jax.shard_map`, the device axis: each
+      device perturbs with its own gradient and the result is averaged over
+      the axis (one all-reduce per step, like data-parallel SGD).
+    sync_perturbation: with ``axis_name``, perturb with the axis-averaged
+      gradient instead (SAM on the global batch, one more all-reduce).
+    axis_index_groups: with ``sync_perturbation`` (pmap only), average inside
+      these groups of devices, e.g. ``[[0, 1], [2, 3]]``.
+    chunk_size: m-sharpness inside the step: split the batch (every array of
+      the loss keyword arguments with a leading batch dimension) into chunks
+      of m examples, each with its own perturbation (and its own clean
+      gradient: one extra pass over the batch); the results are averaged,
+      as are the chunks' ``alpha`` and ``probe_losses``.
+    chunk_mode: ``'sequential'`` (`jax.lax.scan`, memory of one chunk),
+      ``'vectorized'`` (`jax.vmap`) or `sam_optax.mesh_chunks` (vectorized,
+      chunks laid over a mesh axis under `jax.jit`).
+    shared_perturbation: with ``chunk_size``, one perturbation for the whole
+      batch with gradients accumulated over the chunks -- SAM on batches that
+      do not fit in memory; ``updates`` must then be the full-batch gradient
+      (e.g. from `sam_optax.chunked_value_and_grad`).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is an `XSAMState`.
@@ -308,6 +334,12 @@ def xsam(
       state_type=XSAMState,
       ascent_steps=ascent_steps,
       has_aux=has_aux,
+      axis_name=axis_name,
+      sync_perturbation=sync_perturbation,
+      axis_index_groups=axis_index_groups,
+      chunk_size=chunk_size,
+      chunk_mode=chunk_mode,
+      shared_perturbation=shared_perturbation,
       combine=_combine(grid, probe_every, probe_batch_size),
       init_extra=init_extra,
   )
