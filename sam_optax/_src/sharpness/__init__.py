@@ -1,0 +1,1 @@
+"""Sharpness measurement: stateless helpers (public names in sam_optax.sharpness)."""

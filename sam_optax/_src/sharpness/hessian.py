@@ -1,0 +1,577 @@
+"""The Hessian spectrum through Hessian-vector products.
+
+Every quantity here uses only :math:`v \\mapsto H v`, computed by
+forward-over-reverse differentiation (`jax.jvp` of `jax.grad`) at about the
+cost of two gradients; the Hessian itself is never formed. Vectors live as
+flat float32 arrays (`jax.flatten_util.ravel_pytree`), so norms, dot products
+and the Lanczos basis are float32 whatever the parameters' dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional
+
+import jax
+from jax import flatten_util
+import jax.numpy as jnp
+
+from sam_optax._src import tree_math
+from sam_optax._src.sharpness import objective as objective_lib
+
+PyTree = Any
+Batches = Optional[Iterable[Mapping[str, Any]]]
+
+
+class _FlatOperator:
+  """x -> H x on flat float32 vectors of length n."""
+
+  def __init__(self, obj: objective_lib.Objective, params: PyTree):
+    wide = jax.tree.map(lambda p: p.astype(jnp.float32), params)
+    flat, self.unravel = flatten_util.ravel_pytree(wide)
+    self.size = int(flat.shape[0])
+    self._obj = obj
+    self._params = params
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    hv = self._obj.hvp(self._params, self.unravel(x))
+    return flatten_util.ravel_pytree(
+        jax.tree.map(lambda v: v.astype(jnp.float32), hv)
+    )[0]
+
+
+def _operator(owner, loss_fn, params, loss_kwargs, batches, has_aux):
+  obj = objective_lib.Objective(
+      owner, loss_fn, loss_kwargs=loss_kwargs, batches=batches, has_aux=has_aux
+  )
+  op = _FlatOperator(obj, params)
+  if op.size == 0:
+    raise ValueError(f'{owner}: params has no entries; there is no Hessian.')
+  return op
+
+
+def _unit(x: jax.Array) -> jax.Array:
+  return x * tree_math.safe_inverse(jnp.linalg.norm(x))
+
+
+def hessian_vector_product(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    vector: PyTree,
+    *,
+    loss_kwargs: Optional[Mapping[str, Any]] = None,
+    batches: Batches = None,
+    has_aux: bool = False,
+) -> PyTree:
+  r"""The Hessian-vector product :math:`H(w)\,v`, without forming H.
+
+  .. math::
+
+    H v = \frac{\partial}{\partial t} \nabla L(w + t v) \Big|_{t=0},
+
+  one `jax.jvp` (forward mode) of `jax.grad` (reverse mode): about two
+  gradients of cost and one gradient of memory.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from sam_optax import sharpness
+    >>> loss_fn = lambda w: w[0] ** 2 * w[1]  # H = [[2 w1, 2 w0], [2 w0, 0]]
+    >>> hv = sharpness.hessian_vector_product(
+    ...     loss_fn, jnp.array([1., 2.]), jnp.array([1., 0.]))
+    >>> print(hv)
+    [4. 2.]
+
+  Args:
+    loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar loss.
+    params: the weights w.
+    vector: v, a pytree like params.
+    loss_kwargs: keyword arguments of ``loss_fn`` (shared ones with
+      ``batches``).
+    batches: an iterable of ``loss_kwargs`` dicts (the dataset loss).
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+
+  Returns:
+    :math:`H v`, a pytree like params.
+
+  References:
+    Pearlmutter, `Fast Exact Multiplication by the Hessian
+    <https://doi.org/10.1162/neco.1994.6.1.147>`_, Neural Computation 1994.
+  """
+  obj = objective_lib.Objective(
+      'hessian_vector_product', loss_fn, loss_kwargs=loss_kwargs,
+      batches=batches, has_aux=has_aux,
+  )
+  return obj.hvp(params, vector)
+
+
+class HessianTopEigenvalue(NamedTuple):
+  """Result of `hessian_top_eigenvalue`.
+
+  Attributes:
+    eigenvalue: the dominant eigenvalue (Rayleigh quotient), float32.
+    eigenvector: its unit eigenvector, a float32 pytree like params.
+    num_iterations: power iterations run (<= num_iterations).
+  """
+
+  eigenvalue: jax.Array
+  eigenvector: PyTree
+  num_iterations: jax.Array
+
+
+def hessian_top_eigenvalue(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    *,
+    num_iterations: int = 100,
+    tolerance: float = 1e-4,
+    key: Optional[jax.Array] = None,
+    loss_kwargs: Optional[Mapping[str, Any]] = None,
+    batches: Batches = None,
+    has_aux: bool = False,
+) -> HessianTopEigenvalue:
+  r"""The dominant Hessian eigenvalue and its eigenvector, by power iteration.
+
+  .. math::
+
+    v_{k+1} = \frac{H v_k}{\|H v_k\|_2}, \qquad
+    \lambda_k = v_k^\top H v_k,
+
+  from a random unit :math:`v_0`, stopping when
+  :math:`|\lambda_k - \lambda_{k-1}| \le \mathrm{tol}\,|\lambda_k|` or after
+  ``num_iterations`` steps (a `jax.lax.while_loop`: one HVP per step).
+  Power iteration converges to the eigenvalue of largest *magnitude*; near a
+  minimum that is the top (positive) eigenvalue :math:`\lambda_{\max}`. Use
+  `hessian_eigenvalues` for the largest algebraic ones, or when the gap
+  :math:`|\lambda_1| - |\lambda_2|` is small (power iteration converges at
+  the rate :math:`|\lambda_2/\lambda_1|^k`). A zero Hessian gives 0.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from sam_optax import sharpness
+    >>> loss_fn = lambda w: 0.5 * (3. * w[0] ** 2 + w[1] ** 2)  # H = diag(3, 1)
+    >>> top = sharpness.hessian_top_eigenvalue(loss_fn, jnp.zeros(2))
+    >>> print(f'{top.eigenvalue:.3f}', abs(top.eigenvector).round(3))
+    3.000 [1. 0.]
+
+  Args:
+    loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar loss.
+    params: the weights w.
+    num_iterations: the most power iterations, >= 1.
+    tolerance: relative change of the eigenvalue at which to stop, >= 0.
+    key: PRNG key for the start vector (default: a fixed key).
+    loss_kwargs: keyword arguments of ``loss_fn`` (shared ones with
+      ``batches``).
+    batches: an iterable of ``loss_kwargs`` dicts (the dataset loss).
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+
+  Returns:
+    A `HessianTopEigenvalue` (eigenvalue, eigenvector, num_iterations).
+
+  References:
+    Yao et al., `PyHessian: Neural Networks Through the Lens of the Hessian
+    <https://arxiv.org/abs/1912.07145>`_, 2020; Foret et al., `SAM
+    <https://arxiv.org/abs/2010.01412>`_ (section 4.2), ICLR 2021.
+  """
+  owner = 'hessian_top_eigenvalue'
+  num_iterations = objective_lib.check_int(
+      owner, 'num_iterations', num_iterations, 1)
+  objective_lib.check_nonnegative(owner, 'tolerance', tolerance)
+  op = _operator(owner, loss_fn, params, loss_kwargs, batches, has_aux)
+  key = objective_lib.resolve_key(key)
+  v0 = _unit(jax.random.normal(key, (op.size,), jnp.float32))
+  tol = jnp.asarray(tolerance, jnp.float32)
+
+  def cond(state):
+    i, _, _, converged = state
+    return (i < num_iterations) & ~converged
+
+  def body(state):
+    i, v, eigenvalue, _ = state
+    hv = op(v)
+    new_eigenvalue = jnp.vdot(v, hv)
+    norm = jnp.linalg.norm(hv)
+    new_v = jnp.where(norm > 0, hv * tree_math.safe_inverse(norm), v)
+    converged = (i > 0) & (
+        jnp.abs(new_eigenvalue - eigenvalue) <= tol * jnp.abs(new_eigenvalue))
+    return i + 1, new_v, new_eigenvalue, converged
+
+  init = (jnp.zeros([], jnp.int32), v0, jnp.zeros([], jnp.float32),
+          jnp.zeros([], bool))
+  steps, v, eigenvalue, _ = jax.lax.while_loop(cond, body, init)
+  return HessianTopEigenvalue(
+      eigenvalue=eigenvalue, eigenvector=op.unravel(v), num_iterations=steps)
+
+
+def lanczos(
+    matvec: Callable[[jax.Array], jax.Array],
+    start: jax.Array,
+    num_steps: int,
+    key: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Lanczos tridiagonalization with full reorthogonalization.
+
+  Args:
+    matvec: x -> A x for a symmetric A on flat float32 vectors of length n.
+    start: the start vector (normalized here).
+    num_steps: m <= n, the size of the Krylov basis.
+    key: PRNG key for restart vectors: when the Krylov space becomes
+      invariant (beta ~ 0), the basis continues with a random vector
+      orthogonal to it and a zero off-diagonal, so the tridiagonal matrix
+      stays exact (block diagonal) instead of filling with spurious zeros.
+
+  Returns:
+    (alphas (m,), betas (m - 1,), basis (m, n)): the tridiagonal matrix
+    T = V A V^T with diagonal alphas and off-diagonal betas, and V.
+  """
+  n = start.shape[0]
+  basis = jnp.zeros((num_steps, n), jnp.float32)
+  basis = basis.at[0].set(_unit(start.astype(jnp.float32)))
+  alphas = jnp.zeros((num_steps,), jnp.float32)
+  betas = jnp.zeros((max(num_steps - 1, 0),), jnp.float32)
+
+  def orthogonalize(x, basis):
+    for _ in range(2):  # twice is enough (Parlett's "twice is enough").
+      x = x - basis.T @ (basis @ x)
+    return x
+
+  def body(i, state):
+    basis, alphas, betas, scale = state
+    v = basis[i]
+    w = matvec(v)
+    alpha = jnp.vdot(v, w)
+    w = orthogonalize(w, basis)
+    beta = jnp.linalg.norm(w)
+    scale = jnp.maximum(scale, jnp.abs(alpha) + beta)
+    invariant = beta <= 1e-5 * scale
+    fresh = orthogonalize(
+        jax.random.normal(jax.random.fold_in(key, i), (n,), jnp.float32),
+        basis)
+    fresh = orthogonalize(_unit(fresh), basis)
+    nxt = jnp.where(invariant, _unit(fresh), w * tree_math.safe_inverse(beta))
+    last = i + 1 >= num_steps
+    index = jnp.minimum(i + 1, num_steps - 1)
+    basis = jnp.where(last, basis, basis.at[index].set(nxt))
+    alphas = alphas.at[i].set(alpha)
+    if num_steps > 1:
+      beta_index = jnp.minimum(i, num_steps - 2)
+      betas = jnp.where(
+          last, betas, betas.at[beta_index].set(jnp.where(invariant, 0.0, beta)))
+    return basis, alphas, betas, scale
+
+  basis, alphas, betas, _ = jax.lax.fori_loop(
+      0, num_steps, body, (basis, alphas, betas, jnp.zeros([], jnp.float32)))
+  return alphas, betas, basis
+
+
+def _tridiagonal(alphas: jax.Array, betas: jax.Array) -> jax.Array:
+  return jnp.diag(alphas) + jnp.diag(betas, 1) + jnp.diag(betas, -1)
+
+
+class HessianEigenvalues(NamedTuple):
+  """Result of `hessian_eigenvalues`.
+
+  Attributes:
+    eigenvalues: the k eigenvalues (Ritz values), shape (k,), sorted as
+      selected by ``which`` (largest first for 'largest' and 'magnitude').
+    eigenvectors: the Ritz vectors, a float32 pytree like params whose leaves
+      have a leading axis of size k.
+  """
+
+  eigenvalues: jax.Array
+  eigenvectors: PyTree
+
+
+def hessian_eigenvalues(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    k: int,
+    *,
+    num_iterations: Optional[int] = None,
+    which: str = 'largest',
+    key: Optional[jax.Array] = None,
+    loss_kwargs: Optional[Mapping[str, Any]] = None,
+    batches: Batches = None,
+    has_aux: bool = False,
+) -> HessianEigenvalues:
+  r"""The k extreme Hessian eigenvalues by Lanczos with full reorthogonalization.
+
+  m Lanczos steps build an orthonormal basis :math:`V \in \mathbb{R}^{m \times
+  n}` of the Krylov space of a random start vector and the tridiagonal
+  :math:`T = V H V^\top`; the eigenvalues of T (Ritz values) approximate the
+  extreme eigenvalues of H, exactly when m = n. Every new Lanczos vector is
+  reorthogonalized against the whole basis (twice), so no ghost copies of
+  converged eigenvalues appear; the cost is m HVPs and :math:`O(m n)` memory.
+
+  .. math::
+
+    \lambda_1 \ge \dots \ge \lambda_k: \text{the top } k
+    \text{ eigenvalues of } T_m = V_m H V_m^\top.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from sam_optax import sharpness
+    >>> loss_fn = lambda w: 0.5 * jnp.sum(jnp.arange(1., 6.) * w ** 2)
+    >>> out = sharpness.hessian_eigenvalues(loss_fn, jnp.zeros(5), k=2)
+    >>> print(out.eigenvalues.round(3))
+    [5. 4.]
+
+  Args:
+    loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar loss.
+    params: the weights w.
+    k: how many eigenvalues, 1 <= k <= n (the number of parameters).
+    num_iterations: Lanczos steps m, k <= m <= n; default
+      ``min(n, max(4 k, 40))``.
+    which: ``'largest'`` (algebraic), ``'smallest'`` (algebraic) or
+      ``'magnitude'`` (largest absolute value).
+    key: PRNG key for the start vector (default: a fixed key).
+    loss_kwargs: keyword arguments of ``loss_fn`` (shared ones with
+      ``batches``).
+    batches: an iterable of ``loss_kwargs`` dicts (the dataset loss).
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+
+  Returns:
+    A `HessianEigenvalues` (eigenvalues, eigenvectors).
+
+  References:
+    Lanczos, `An iteration method for the solution of the eigenvalue problem
+    <https://doi.org/10.6028/jres.045.026>`_, 1950; Ghorbani et al.,
+    `An Investigation into Neural Net Optimization via Hessian Eigenvalue
+    Density <https://arxiv.org/abs/1901.10159>`_, ICML 2019.
+  """
+  owner = 'hessian_eigenvalues'
+  k = objective_lib.check_int(owner, 'k', k, 1)
+  if which not in ('largest', 'smallest', 'magnitude'):
+    raise ValueError(
+        f"{owner}: which must be 'largest', 'smallest' or 'magnitude', got"
+        f' {which!r}.'
+    )
+  op = _operator(owner, loss_fn, params, loss_kwargs, batches, has_aux)
+  n = op.size
+  if k > n:
+    raise ValueError(
+        f'{owner}: k={k} is larger than the number of parameters n={n}; the'
+        f' Hessian has only {n} eigenvalues. Ask for k <= {n}.'
+    )
+  if num_iterations is None:
+    num_iterations = min(n, max(4 * k, 40))
+  num_iterations = objective_lib.check_int(
+      owner, 'num_iterations', num_iterations, k)
+  if num_iterations > n:
+    raise ValueError(
+        f'{owner}: num_iterations={num_iterations} exceeds the number of'
+        f' parameters n={n}; the Krylov space has at most n dimensions. Use'
+        f' num_iterations <= {n}.'
+    )
+  key = objective_lib.resolve_key(key)
+  start_key, restart_key = jax.random.split(key)
+  start = jax.random.normal(start_key, (n,), jnp.float32)
+  alphas, betas, basis = lanczos(op, start, num_iterations, restart_key)
+  ritz_values, ritz_coords = jnp.linalg.eigh(_tridiagonal(alphas, betas))
+  if which == 'largest':
+    order = jnp.argsort(-ritz_values)
+  elif which == 'smallest':
+    order = jnp.argsort(ritz_values)
+  else:
+    order = jnp.argsort(-jnp.abs(ritz_values))
+  order = order[:k]
+  vectors = (basis.T @ ritz_coords[:, order]).T  # (k, n)
+  return HessianEigenvalues(
+      eigenvalues=ritz_values[order],
+      eigenvectors=jax.vmap(op.unravel)(vectors),
+  )
+
+
+class HessianTrace(NamedTuple):
+  """Result of `hessian_trace`.
+
+  Attributes:
+    trace: the Hutchinson estimate of tr(H), float32.
+    standard_error: its standard error (sample std / sqrt(num_samples)).
+  """
+
+  trace: jax.Array
+  standard_error: jax.Array
+
+
+def hessian_trace(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    *,
+    num_samples: int = 64,
+    key: Optional[jax.Array] = None,
+    loss_kwargs: Optional[Mapping[str, Any]] = None,
+    batches: Batches = None,
+    has_aux: bool = False,
+) -> HessianTrace:
+  r"""The Hessian trace by Hutchinson's estimator with Rademacher probes.
+
+  .. math::
+
+    \mathrm{tr}(H) = \mathbb{E}_v\left[v^\top H v\right]
+      \approx \frac{1}{N} \sum_{i=1}^{N} v_i^\top H v_i,
+    \qquad v_i \in \{-1, +1\}^n \text{ uniform},
+
+  unbiased, with variance :math:`2(\|H\|_F^2 - \sum_j H_{jj}^2)` per probe
+  (the smallest of any i.i.d. probe distribution). One HVP per probe.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from sam_optax import sharpness
+    >>> loss_fn = lambda w: 0.5 * jnp.sum(jnp.arange(1., 5.) * w ** 2)
+    >>> out = sharpness.hessian_trace(loss_fn, jnp.zeros(4), num_samples=8)
+    >>> print(f'{out.trace:.3f} {out.standard_error:.3f}')  # diagonal: exact
+    10.000 0.000
+
+  Args:
+    loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar loss.
+    params: the weights w.
+    num_samples: number of probes N, >= 1.
+    key: PRNG key for the probes (default: a fixed key).
+    loss_kwargs: keyword arguments of ``loss_fn`` (shared ones with
+      ``batches``).
+    batches: an iterable of ``loss_kwargs`` dicts (the dataset loss).
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+
+  Returns:
+    A `HessianTrace` (trace, standard_error).
+
+  References:
+    Hutchinson, `A stochastic estimator of the trace of the influence matrix
+    for Laplacian smoothing splines
+    <https://doi.org/10.1080/03610919008812866>`_, 1990; Yao et al.,
+    `PyHessian <https://arxiv.org/abs/1912.07145>`_, 2020.
+  """
+  owner = 'hessian_trace'
+  num_samples = objective_lib.check_int(owner, 'num_samples', num_samples, 1)
+  op = _operator(owner, loss_fn, params, loss_kwargs, batches, has_aux)
+  key = objective_lib.resolve_key(key)
+
+  def probe(total, probe_key):
+    v = jax.random.rademacher(probe_key, (op.size,), jnp.float32)
+    q = jnp.vdot(v, op(v))
+    return (total[0] + q, total[1] + q * q), None
+
+  zero = jnp.zeros([], jnp.float32)
+  (total, total_sq), _ = jax.lax.scan(
+      probe, (zero, zero), jax.random.split(key, num_samples))
+  mean = total / num_samples
+  if num_samples > 1:
+    variance = jnp.maximum(total_sq - num_samples * mean * mean, 0.0) / (
+        num_samples - 1)
+    standard_error = jnp.sqrt(variance / num_samples)
+  else:
+    standard_error = zero
+  return HessianTrace(trace=mean, standard_error=standard_error)
+
+
+class SpectralDensity(NamedTuple):
+  """Result of `hessian_spectral_density`.
+
+  Attributes:
+    grid: eigenvalue grid t, shape (grid_size,).
+    density: the smoothed spectral density at the grid points, integrating
+      to about 1 over the grid.
+    nodes: Gauss quadrature nodes (Ritz values), shape (num_probes, m).
+    weights: their weights, shape (num_probes, m); each row sums to 1. The
+      moments of the spectrum are
+      ``mean(sum(weights * nodes ** j, axis=1)) ~ tr(H^j) / n``.
+  """
+
+  grid: jax.Array
+  density: jax.Array
+  nodes: jax.Array
+  weights: jax.Array
+
+
+def hessian_spectral_density(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    *,
+    num_lanczos: int = 32,
+    num_probes: int = 4,
+    grid_size: int = 512,
+    bandwidth: float = 0.01,
+    key: Optional[jax.Array] = None,
+    loss_kwargs: Optional[Mapping[str, Any]] = None,
+    batches: Batches = None,
+    has_aux: bool = False,
+) -> SpectralDensity:
+  r"""The Hessian eigenvalue density by stochastic Lanczos quadrature.
+
+  The spectral density :math:`\phi(t) = \frac{1}{n}\sum_i \delta(t -
+  \lambda_i)` is smoothed with a Gaussian kernel :math:`g_s` and estimated
+  from ``num_probes`` random unit vectors :math:`v` (normalized Rademacher),
+  each run through m Lanczos steps; the eigenpairs
+  :math:`(\theta_j, u_j)` of the tridiagonal matrix give Gauss quadrature
+  nodes :math:`\theta_j` and weights :math:`\tau_j = u_j[0]^2`:
+
+  .. math::
+
+    \hat\phi(t) = \frac{1}{P} \sum_{p=1}^{P} \sum_{j=1}^{m}
+      \tau^{(p)}_j\, g_s(t - \theta^{(p)}_j), \qquad
+    \mathbb{E}\Big[\sum_j \tau_j \theta_j^{\,q}\Big]
+      = \frac{\mathrm{tr}(H^q)}{n} \quad (q < 2m).
+
+  The kernel width is ``s = bandwidth * (max theta - min theta)``; the grid
+  spans the nodes with a margin of 5 s. Costs ``num_probes * num_lanczos``
+  HVPs (probes run one after another with `jax.lax.map`).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from sam_optax import sharpness
+    >>> loss_fn = lambda w: 0.5 * jnp.sum(jnp.arange(1., 9.) * w ** 2)
+    >>> out = sharpness.hessian_spectral_density(
+    ...     loss_fn, jnp.zeros(8), num_lanczos=8, grid_size=200)
+    >>> mean = (out.weights * out.nodes).sum(axis=1).mean()  # tr(H) / n
+    >>> print(f'{mean:.3f}', out.grid.shape, out.density.shape)
+    4.500 (200,) (200,)
+
+  Args:
+    loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar loss.
+    params: the weights w.
+    num_lanczos: Lanczos steps per probe m, 1 <= m <= n (clipped to n).
+    num_probes: random start vectors P, >= 1.
+    grid_size: number of grid points, >= 2.
+    bandwidth: kernel width relative to the width of the spectrum, > 0.
+    key: PRNG key for the probes (default: a fixed key).
+    loss_kwargs: keyword arguments of ``loss_fn`` (shared ones with
+      ``batches``).
+    batches: an iterable of ``loss_kwargs`` dicts (the dataset loss).
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+
+  Returns:
+    A `SpectralDensity` (grid, density, nodes, weights).
+
+  References:
+    Ghorbani et al., `An Investigation into Neural Net Optimization via
+    Hessian Eigenvalue Density <https://arxiv.org/abs/1901.10159>`_,
+    ICML 2019; Lin et al., `Approximating Spectral Densities of Large
+    Matrices <https://arxiv.org/abs/1308.5467>`_, SIAM Review 2016.
+  """
+  owner = 'hessian_spectral_density'
+  num_lanczos = objective_lib.check_int(owner, 'num_lanczos', num_lanczos, 1)
+  num_probes = objective_lib.check_int(owner, 'num_probes', num_probes, 1)
+  grid_size = objective_lib.check_int(owner, 'grid_size', grid_size, 2)
+  objective_lib.check_positive(owner, 'bandwidth', bandwidth)
+  op = _operator(owner, loss_fn, params, loss_kwargs, batches, has_aux)
+  m = min(num_lanczos, op.size)
+  key = objective_lib.resolve_key(key)
+
+  def one_probe(probe_key):
+    start_key, restart_key = jax.random.split(probe_key)
+    start = jax.random.rademacher(start_key, (op.size,), jnp.float32)
+    alphas, betas, _ = lanczos(op, start, m, restart_key)
+    nodes, vectors = jnp.linalg.eigh(_tridiagonal(alphas, betas))
+    return nodes, jnp.square(vectors[0])
+
+  nodes, weights = jax.lax.map(one_probe, jax.random.split(key, num_probes))
+  low, high = jnp.min(nodes), jnp.max(nodes)
+  spread = high - low
+  width = bandwidth * jnp.where(
+      spread > 0, spread, jnp.maximum(jnp.abs(high), 1.0))
+  grid = jnp.linspace(low - 5 * width, high + 5 * width, grid_size)
+  kernel = jnp.exp(
+      -0.5 * jnp.square((grid[:, None, None] - nodes[None]) / width)
+  ) / (width * jnp.sqrt(2 * jnp.pi))
+  density = jnp.sum(kernel * weights[None], axis=(1, 2)) / num_probes
+  return SpectralDensity(grid=grid, density=density, nodes=nodes,
+                         weights=weights)

@@ -1,0 +1,333 @@
+"""Loss landscapes: the loss along one or two directions in weight space."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+
+from sam_optax._src import tree_math
+from sam_optax._src.sharpness import objective as objective_lib
+
+PyTree = Any
+Batches = Optional[Iterable[Mapping[str, Any]]]
+Span = tuple[float, float]
+
+
+def filter_normalized_direction(
+    params: PyTree,
+    key: Optional[jax.Array] = None,
+    *,
+    filter_axis: int = -1,
+    ignore_1d: bool = True,
+) -> PyTree:
+  r"""A random Gaussian direction, filter-normalized to the weights' scale.
+
+  For every leaf with two or more axes, each filter :math:`d_{i}` (the
+  slice at index i along ``filter_axis``: an output unit of a Flax
+  ``Dense`` kernel ``(in, out)`` or ``Conv`` kernel ``(h, w, in, out)``) is
+  rescaled to the norm of the matching weight filter:
+
+  .. math::
+
+    d_{i} \leftarrow \frac{d_{i}}{\|d_{i}\|} \, \|w_{i}\|.
+
+  Leaves with at most one axis (biases, normalization scales) get a zero
+  direction (``ignore_1d=True``, Li et al.'s ``ignore='biasbn'``) or the
+  weights themselves (``ignore_1d=False``, as in their code).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from sam_optax import sharpness
+    >>> params = {'kernel': jnp.ones((3, 2)), 'bias': jnp.ones(2)}
+    >>> d = sharpness.filter_normalized_direction(params, jax.random.key(0))
+    >>> print(jnp.linalg.norm(d['kernel'], axis=0).round(4), d['bias'])
+    [1.7321 1.7321] [0. 0.]
+
+  Args:
+    params: the weights w.
+    key: PRNG key (default: a fixed key).
+    filter_axis: the axis that indexes filters (output units); -1 for Flax
+      and Equinox-style kernels, 0 for PyTorch-style ``(out, in, ...)``.
+    ignore_1d: zero direction for leaves with ndim <= 1 (else d = w there).
+
+  Returns:
+    A float32 pytree like params.
+
+  References:
+    Li et al., `Visualizing the Loss Landscape of Neural Nets
+    <https://arxiv.org/abs/1712.09913>`_, NeurIPS 2018.
+  """
+  key = objective_lib.resolve_key(key)
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(key, max(len(leaves), 1))
+  out = []
+  for k, p in zip(keys, leaves):
+    p = tree_math._wide(jnp.asarray(p))
+    if p.ndim <= 1:
+      out.append(jnp.zeros(p.shape, jnp.float32) if ignore_1d
+                 else p.astype(jnp.float32))
+      continue
+    d = jax.random.normal(k, p.shape, jnp.float32)
+    axis = filter_axis % p.ndim
+    other = tuple(a for a in range(p.ndim) if a != axis)
+    d_norm = jnp.sqrt(jnp.sum(jnp.square(d), axis=other, keepdims=True))
+    p_norm = jnp.sqrt(jnp.sum(jnp.square(p.astype(jnp.float32)), axis=other,
+                              keepdims=True))
+    out.append(d * p_norm * tree_math.safe_inverse(d_norm))
+  return jax.tree.unflatten(treedef, out)
+
+
+class Landscape1D(NamedTuple):
+  """Result of `loss_landscape_1d`: ``plt.plot(alphas, losses)``.
+
+  Attributes:
+    alphas: the step sizes along the direction, shape (num_points,).
+    losses: :math:`L(w + \\alpha\\, d)` at each alpha, float32.
+  """
+
+  alphas: jax.Array
+  losses: jax.Array
+
+
+class Landscape2D(NamedTuple):
+  """Result of `loss_landscape_2d`: ``plt.contour(alphas, betas, losses)``.
+
+  Attributes:
+    alphas: steps along the first direction, shape (nx,).
+    betas: steps along the second direction, shape (ny,).
+    losses: :math:`L(w + \\alpha_j d_1 + \\beta_i d_2)` at ``[i, j]``, shape
+      (ny, nx) (rows follow betas, the layout matplotlib expects).
+  """
+
+  alphas: jax.Array
+  betas: jax.Array
+  losses: jax.Array
+
+
+def _points(owner: str, name: str, value: Any) -> int:
+  return objective_lib.check_int(owner, name, value, 2)
+
+
+def _span(owner: str, span: Any) -> Span:
+  try:
+    low, high = (float(s) for s in span)
+  except (TypeError, ValueError) as error:
+    raise TypeError(
+        f'{owner}: span must be a pair (low, high), got {span!r}.') from error
+  if not low < high:
+    raise ValueError(f'{owner}: span must have low < high, got {span!r}.')
+  return low, high
+
+
+def _check_like(owner: str, name: str, tree: PyTree, params: PyTree) -> None:
+  if jax.tree.structure(tree) != jax.tree.structure(params):
+    raise ValueError(
+        f'{owner}: {name} must have the structure of params:'
+        f' {jax.tree.structure(tree)} vs {jax.tree.structure(params)}.'
+    )
+  for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(params)):
+    if jnp.shape(a) != jnp.shape(b):
+      raise ValueError(
+          f'{owner}: {name} has a leaf of shape {jnp.shape(a)} where params'
+          f' has {jnp.shape(b)}.'
+      )
+
+
+def _grid(span: Span, num: int) -> jax.Array:
+  """linspace whose zero (when inside the span) is exactly 0."""
+  low, high = span
+  values = [low + (high - low) * i / (num - 1) for i in range(num)]
+  step = (high - low) / (num - 1)
+  values = [0.0 if abs(v) < 1e-9 * step else v for v in values]
+  return jnp.asarray(values, jnp.float32)
+
+
+def loss_landscape_1d(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    *,
+    direction: Optional[PyTree] = None,
+    endpoint: Optional[PyTree] = None,
+    num_points: int = 51,
+    span: Optional[Sequence[float]] = None,
+    filter_axis: int = -1,
+    ignore_1d: bool = True,
+    key: Optional[jax.Array] = None,
+    loss_kwargs: Optional[Mapping[str, Any]] = None,
+    batches: Batches = None,
+    has_aux: bool = False,
+) -> Landscape1D:
+  r"""The loss along a line through w: a random direction or towards w'.
+
+  .. math::
+
+    f(\alpha) = L(w + \alpha\, d), \qquad
+    d = \begin{cases} w' - w & \text{with an endpoint } w'
+        \text{ (linear interpolation)}\\
+        \text{given} & \text{with a direction}\\
+        \text{random, filter-normalized} & \text{otherwise.}\end{cases}
+
+  ``span`` defaults to (-1, 1) for a direction and (-0.5, 1.5) for the line
+  to an endpoint (f(0) = L(w), f(1) = L(w')). The grid is built so that 0 is
+  exactly on it when it lies in the span; points are evaluated one after
+  another with `jax.lax.map`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from sam_optax import sharpness
+    >>> loss_fn = lambda w: jnp.sum(w ** 2)
+    >>> out = sharpness.loss_landscape_1d(
+    ...     loss_fn, jnp.zeros(2), endpoint=jnp.ones(2), num_points=5,
+    ...     span=(0., 1.))
+    >>> print(out.alphas, out.losses)
+    [0.   0.25 0.5  0.75 1.  ] [0.    0.125 0.5   1.125 2.   ]
+
+  Args:
+    loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar loss.
+    params: the centre w.
+    direction: d, a pytree like params (used as given).
+    endpoint: w', a pytree like params (exclusive with ``direction``).
+    num_points: number of alphas, >= 2.
+    span: (low, high) of alpha.
+    filter_axis: see `filter_normalized_direction` (random direction only).
+    ignore_1d: see `filter_normalized_direction` (random direction only).
+    key: PRNG key for the random direction (default: a fixed key).
+    loss_kwargs: keyword arguments of ``loss_fn`` (shared ones with
+      ``batches``).
+    batches: an iterable of ``loss_kwargs`` dicts (the dataset loss).
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+
+  Returns:
+    A `Landscape1D` (alphas, losses).
+
+  References:
+    Li et al., `Visualizing the Loss Landscape of Neural Nets
+    <https://arxiv.org/abs/1712.09913>`_, NeurIPS 2018; Goodfellow et al.,
+    `Qualitatively characterizing neural network optimization problems
+    <https://arxiv.org/abs/1412.6544>`_, ICLR 2015 (interpolation).
+  """
+  owner = 'loss_landscape_1d'
+  num_points = _points(owner, 'num_points', num_points)
+  if direction is not None and endpoint is not None:
+    raise ValueError(
+        f'{owner}: give either direction= or endpoint=, not both.')
+  obj = objective_lib.Objective(
+      owner, loss_fn, loss_kwargs=loss_kwargs, batches=batches, has_aux=has_aux
+  )
+  if endpoint is not None:
+    _check_like(owner, 'endpoint', endpoint, params)
+    d = tree_math.tree_sub(endpoint, params)
+    default_span = (-0.5, 1.5)
+  elif direction is not None:
+    _check_like(owner, 'direction', direction, params)
+    d = jax.tree.map(tree_math._wide, direction)
+    default_span = (-1.0, 1.0)
+  else:
+    d = filter_normalized_direction(
+        params, key, filter_axis=filter_axis, ignore_1d=ignore_1d)
+    default_span = (-1.0, 1.0)
+  alphas = _grid(_span(owner, default_span if span is None else span),
+                 num_points)
+  losses = jax.lax.map(
+      lambda a: obj.loss(tree_math.tree_add_scaled(params, a, d)), alphas)
+  return Landscape1D(alphas=alphas, losses=losses)
+
+
+def loss_landscape_2d(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    *,
+    directions: Optional[tuple[PyTree, PyTree]] = None,
+    num_points: Union[int, tuple[int, int]] = 25,
+    span: Union[Sequence[float], tuple[Sequence[float], Sequence[float]]] = (
+        -1.0, 1.0),
+    filter_axis: int = -1,
+    ignore_1d: bool = True,
+    key: Optional[jax.Array] = None,
+    loss_kwargs: Optional[Mapping[str, Any]] = None,
+    batches: Batches = None,
+    has_aux: bool = False,
+) -> Landscape2D:
+  r"""The loss on a plane through w spanned by two directions.
+
+  .. math::
+
+    f(\alpha, \beta) = L(w + \alpha\, d_1 + \beta\, d_2),
+
+  with :math:`d_1, d_2` given, or two independent random filter-normalized
+  directions (`filter_normalized_direction`; in high dimension they are
+  nearly orthogonal). ``losses[i, j]`` is :math:`f(\alpha_j, \beta_i)`, ready
+  for ``plt.contour(alphas, betas, losses)``; the centre is exactly L(w).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from sam_optax import sharpness
+    >>> loss_fn = lambda w: w[0] ** 2 + 2 * w[1] ** 2
+    >>> e0, e1 = jnp.array([1., 0.]), jnp.array([0., 1.])
+    >>> out = sharpness.loss_landscape_2d(
+    ...     loss_fn, jnp.zeros(2), directions=(e0, e1), num_points=3)
+    >>> print(out.losses)
+    [[3. 2. 3.]
+     [1. 0. 1.]
+     [3. 2. 3.]]
+
+  Args:
+    loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar loss.
+    params: the centre w.
+    directions: (d1, d2), pytrees like params (used as given).
+    num_points: grid points per axis, an int or (nx, ny), each >= 2.
+    span: (low, high) for both axes, or ((low, high), (low, high)).
+    filter_axis: see `filter_normalized_direction`.
+    ignore_1d: see `filter_normalized_direction`.
+    key: PRNG key for the random directions (default: a fixed key).
+    loss_kwargs: keyword arguments of ``loss_fn`` (shared ones with
+      ``batches``).
+    batches: an iterable of ``loss_kwargs`` dicts (the dataset loss).
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+
+  Returns:
+    A `Landscape2D` (alphas, betas, losses).
+
+  References:
+    Li et al., `Visualizing the Loss Landscape of Neural Nets
+    <https://arxiv.org/abs/1712.09913>`_, NeurIPS 2018.
+  """
+  owner = 'loss_landscape_2d'
+  if isinstance(num_points, (tuple, list)):
+    if len(num_points) != 2:
+      raise ValueError(f'{owner}: num_points must be an int or a pair.')
+    nx, ny = (_points(owner, 'num_points', n) for n in num_points)
+  else:
+    nx = ny = _points(owner, 'num_points', num_points)
+  if (isinstance(span, (tuple, list)) and len(span) == 2
+      and all(isinstance(s, (tuple, list)) for s in span)):
+    span_x, span_y = _span(owner, span[0]), _span(owner, span[1])
+  else:
+    span_x = span_y = _span(owner, span)
+  obj = objective_lib.Objective(
+      owner, loss_fn, loss_kwargs=loss_kwargs, batches=batches, has_aux=has_aux
+  )
+  if directions is None:
+    key1, key2 = jax.random.split(objective_lib.resolve_key(key))
+    d1, d2 = (filter_normalized_direction(
+        params, k, filter_axis=filter_axis, ignore_1d=ignore_1d)
+              for k in (key1, key2))
+  else:
+    if not isinstance(directions, (tuple, list)) or len(directions) != 2:
+      raise ValueError(f'{owner}: directions must be a pair (d1, d2).')
+    for name, d in zip(('directions[0]', 'directions[1]'), directions):
+      _check_like(owner, name, d, params)
+    d1, d2 = (jax.tree.map(tree_math._wide, d) for d in directions)
+  alphas, betas = _grid(span_x, nx), _grid(span_y, ny)
+  bb, aa = jnp.meshgrid(betas, alphas, indexing='ij')
+
+  def at(point):
+    a, b = point
+    shifted = jax.tree.map(lambda p, x, y: (tree_math._wide(p) + a * x + b * y)
+                           .astype(p.dtype), params, d1, d2)
+    return obj.loss(shifted)
+
+  losses = jax.lax.map(at, (aa.reshape(-1), bb.reshape(-1))).reshape(ny, nx)
+  return Landscape2D(alphas=alphas, betas=betas, losses=losses)

@@ -1,0 +1,685 @@
+"""Sharpness as the loss increase under a weight perturbation.
+
+First-order, SAM (one normalized step), worst-case (projected ascent with
+Auto-PGD step-size control), average-case (Gaussian) and m-sharpness.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sam_optax._src import asam as asam_lib
+from sam_optax._src import batching
+from sam_optax._src import sam as sam_lib
+from sam_optax._src import tree_math
+from sam_optax._src.sharpness import objective as objective_lib
+
+PyTree = Any
+Batches = Optional[Iterable[Mapping[str, Any]]]
+
+
+def _scale(params: PyTree, adaptive: bool, eta) -> Optional[PyTree]:
+  """T_w = |w| + eta (float32) when adaptive, else None (the identity)."""
+  if not adaptive:
+    return None
+  mask = jax.tree.map(lambda _: True, params)
+  return asam_lib.adaptive_scale(params, jnp.asarray(eta, jnp.float32), mask)
+
+
+def _apply_scale(scale: Optional[PyTree], tree: PyTree) -> PyTree:
+  """T * tree in float32 (tree itself, widened, when T is the identity)."""
+  wide = jax.tree.map(tree_math._wide, tree)
+  if scale is None:
+    return wide
+  return jax.tree.map(lambda t, x: t * x, scale, wide)
+
+
+def _shift(params: PyTree, delta: PyTree) -> PyTree:
+  """w + delta, added in float32, returned in the parameters' dtypes."""
+  return tree_math.tree_add_scaled(params, jnp.ones([], jnp.float32), delta)
+
+
+def _check_adaptive(owner: str, adaptive: Any, eta: Any) -> None:
+  if not isinstance(adaptive, bool):
+    raise TypeError(f'{owner}: adaptive must be a bool, got {adaptive!r}.')
+  objective_lib.check_nonnegative(owner, 'eta', eta)
+
+
+def first_order_sharpness(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    rho: float = 0.05,
+    *,
+    adaptive: bool = False,
+    eta: float = 0.01,
+    loss_kwargs: Optional[Mapping[str, Any]] = None,
+    batches: Batches = None,
+    has_aux: bool = False,
+) -> jax.Array:
+  r"""First-order sharpness: the linearized loss increase over the rho-ball.
+
+  .. math::
+
+    S_1(w) = \max_{\|\epsilon\|_2 \le \rho} \epsilon^\top \nabla L(w)
+           = \rho \, \|\nabla L(w)\|_2,
+
+  and, with ``adaptive=True`` (the ASAM ball
+  :math:`\|T_w^{-1}\epsilon\|_2 \le \rho`, :math:`T_w = |w| + \eta`),
+  :math:`\rho\,\|T_w \nabla L(w)\|_2`. The norm is taken in float32.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from sam_optax import sharpness
+    >>> loss_fn = lambda params, x: jnp.sum(params * x)  # gradient x
+    >>> s = sharpness.first_order_sharpness(
+    ...     loss_fn, jnp.zeros(2), rho=0.1, loss_kwargs={'x': jnp.array([3., 4.])})
+    >>> print(f'{s:.3f}')
+    0.500
+
+  Args:
+    loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar loss (or
+      ``(loss, aux)`` with ``has_aux=True``).
+    params: the weights w, a pytree.
+    rho: radius of the ball, > 0.
+    adaptive: measure in the ASAM metric :math:`T_w = |w| + \eta`.
+    eta: offset of the adaptive metric, >= 0.
+    loss_kwargs: keyword arguments of ``loss_fn`` (one batch); with
+      ``batches``, the arguments shared by every batch.
+    batches: an iterable of ``loss_kwargs`` dicts; the dataset loss (mean over
+      the batches) is measured.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+
+  Returns:
+    The sharpness, a float32 scalar.
+
+  References:
+    Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
+    Generalization <https://arxiv.org/abs/2010.01412>`_, ICLR 2021 (eq. 2).
+  """
+  owner = 'first_order_sharpness'
+  objective_lib.check_positive(owner, 'rho', rho)
+  _check_adaptive(owner, adaptive, eta)
+  obj = objective_lib.Objective(
+      owner, loss_fn, loss_kwargs=loss_kwargs, batches=batches, has_aux=has_aux
+  )
+  grad = obj.grad(params)
+  scaled = _apply_scale(_scale(params, adaptive, eta), grad)
+  return jnp.asarray(rho, jnp.float32) * tree_math.tree_norm(scaled)
+
+
+def sam_sharpness(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    rho: float = 0.05,
+    *,
+    adaptive: bool = False,
+    eta: float = 0.01,
+    loss_kwargs: Optional[Mapping[str, Any]] = None,
+    batches: Batches = None,
+    has_aux: bool = False,
+) -> jax.Array:
+  r"""SAM sharpness: the loss increase at SAM's one-step worst point.
+
+  .. math::
+
+    \epsilon = \rho \, \frac{\nabla L(w)}{\|\nabla L(w)\|_2}, \qquad
+    S_{\mathrm{SAM}}(w) = L(w + \epsilon) - L(w).
+
+  With ``adaptive=True``, ASAM's point
+  :math:`\epsilon = \rho\, T_w^2 \nabla L / \|T_w \nabla L\|_2` with
+  :math:`T_w = |w| + \eta`. A zero gradient gives :math:`\epsilon = 0` and a
+  sharpness of exactly 0.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from sam_optax import sharpness
+    >>> loss_fn = lambda w: 0.5 * jnp.sum(w ** 2)  # L(w + e) - L(w) = rho|w| + rho^2/2
+    >>> s = sharpness.sam_sharpness(loss_fn, jnp.array([3., 4.]), rho=0.1)
+    >>> print(f'{s:.3f}')
+    0.505
+
+  Args:
+    loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar loss.
+    params: the weights w.
+    rho: radius, > 0.
+    adaptive: use ASAM's metric.
+    eta: offset of the adaptive metric, >= 0.
+    loss_kwargs: keyword arguments of ``loss_fn`` (shared ones with
+      ``batches``).
+    batches: an iterable of ``loss_kwargs`` dicts (the dataset loss).
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+
+  Returns:
+    :math:`L(w + \epsilon) - L(w)`, a float32 scalar.
+
+  References:
+    Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
+    Generalization <https://arxiv.org/abs/2010.01412>`_, ICLR 2021;
+    Kwon et al., `ASAM <https://arxiv.org/abs/2102.11600>`_, ICML 2021.
+  """
+  owner = 'sam_sharpness'
+  objective_lib.check_positive(owner, 'rho', rho)
+  _check_adaptive(owner, adaptive, eta)
+  obj = objective_lib.Objective(
+      owner, loss_fn, loss_kwargs=loss_kwargs, batches=batches, has_aux=has_aux
+  )
+  loss, grad = obj.value_and_grad(params)
+  if adaptive:
+    direction = asam_lib.adaptive_direction(owner, None)(
+        grad, params, {'eta': jnp.asarray(eta, jnp.float32)}
+    )
+  else:
+    direction = sam_lib.normalized_direction(grad, params, {})
+  epsilon = tree_math.tree_scale(jnp.asarray(rho, jnp.float32), direction)
+  return obj.loss(_shift(params, epsilon)) - loss
+
+
+class WorstCaseSharpness(NamedTuple):
+  """Result of `worst_case_sharpness`.
+
+  Attributes:
+    sharpness: the largest :math:`L(w + \\delta) - L(w)` found (>= 0).
+    perturbation_norm: the norm of the maximizer in the ball's own metric
+      (:math:`\\|\\gamma\\|` with :math:`\\delta = T_w\\gamma` when adaptive),
+      at most rho.
+    perturbation: the maximizer :math:`\\delta` itself, float32, like params.
+  """
+
+  sharpness: jax.Array
+  perturbation_norm: jax.Array
+  perturbation: PyTree
+
+
+def apgd_checkpoints(num_steps: int) -> np.ndarray:
+  """Auto-PGD's checkpoints w_j = ceil(p_j N) as a boolean mask over steps.
+
+  p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)
+  (Croce & Hein 2020, section 3.2).
+  """
+  points = [0.0, 0.22]
+  while points[-1] < 1.0:
+    points.append(points[-1] + max(points[-1] - points[-2] - 0.03, 0.06))
+  mask = np.zeros(num_steps + 1, dtype=bool)
+  for p in points[1:]:
+    step = int(math.ceil(p * num_steps))
+    if 1 <= step <= num_steps:
+      mask[step] = True
+  return mask
+
+
+def worst_case_sharpness(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    rho: float = 0.05,
+    *,
+    norm: str = 'l2',
+    adaptive: bool = False,
+    eta: float = 0.01,
+    num_steps: int = 20,
+    step_size: Optional[float] = None,
+    momentum: float = 0.75,
+    random_init: bool = False,
+    key: Optional[jax.Array] = None,
+    loss_kwargs: Optional[Mapping[str, Any]] = None,
+    batches: Batches = None,
+    has_aux: bool = False,
+) -> WorstCaseSharpness:
+  r"""Worst-case sharpness by projected multi-step ascent (Auto-PGD).
+
+  .. math::
+
+    S_{\max}(w) = \max_{\|\gamma\|_p \le \rho} L(w + T_w\gamma) - L(w),
+    \qquad p \in \{2, \infty\},
+
+  with :math:`T_w = I` (plain) or :math:`T_w = \mathrm{diag}(|w| + \eta)`
+  (``adaptive=True``; :math:`\eta = 0` is the |w|-scaled adaptive sharpness of
+  Andriushchenko et al.). The maximum is approached by Auto-PGD on
+  :math:`\gamma`: steps :math:`z = P(\gamma_k + \eta_k s(\nabla_\gamma))` with
+  :math:`s` the normalized gradient (L2) or its sign (L-infinity), momentum
+  :math:`\gamma_{k+1} = P(\gamma_k + \alpha(z - \gamma_k) + (1 - \alpha)
+  (\gamma_k - \gamma_{k-1}))`, and at Auto-PGD's checkpoints the step size is
+  halved and the ascent restarted from the best point whenever fewer than 75%
+  of the steps since the last checkpoint increased the loss, or neither the
+  step size nor the best loss changed. The initial step is
+  :math:`\eta_0 = 2\rho`. The best point found is returned; since
+  :math:`\gamma = 0` is in the ball, the sharpness is never negative. Costs
+  ``num_steps + 1`` gradients (of the dataset loss, with ``batches``) and one
+  forward pass.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from sam_optax import sharpness
+    >>> loss_fn = lambda w: jnp.sum(w)  # linear: the max over the
+    >>> out = sharpness.worst_case_sharpness(  # L-inf ball is rho * ||1||_1
+    ...     loss_fn, jnp.zeros(4), rho=0.1, norm='linf', num_steps=5)
+    >>> print(f'{out.sharpness:.3f} {out.perturbation_norm:.3f}')
+    0.400 0.100
+
+  Args:
+    loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar loss.
+    params: the weights w.
+    rho: radius of the ball (in the metric of :math:`\gamma`), > 0.
+    norm: ``'l2'`` or ``'linf'``.
+    adaptive: scale the ball by :math:`|w| + \eta`.
+    eta: offset of the adaptive metric, >= 0.
+    num_steps: ascent steps N >= 1.
+    step_size: initial step :math:`\eta_0`; default :math:`2\rho`.
+    momentum: Auto-PGD's :math:`\alpha` in (0, 1]; 1 disables momentum.
+    random_init: start at a random point of the ball (uniform in the
+      L-infinity cube, uniform on the L2 sphere) instead of at w.
+    key: PRNG key for ``random_init`` (default: a fixed key).
+    loss_kwargs: keyword arguments of ``loss_fn`` (shared ones with
+      ``batches``).
+    batches: an iterable of ``loss_kwargs`` dicts (the dataset loss).
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+
+  Returns:
+    A `WorstCaseSharpness` (sharpness, perturbation_norm, perturbation).
+
+  References:
+    Andriushchenko et al., `A Modern Look at the Relationship between
+    Sharpness and Generalization <https://arxiv.org/abs/2302.07011>`_,
+    ICML 2023; Croce & Hein, `Reliable evaluation of adversarial robustness
+    with an ensemble of diverse parameter-free attacks
+    <https://arxiv.org/abs/2003.01690>`_ (Auto-PGD), ICML 2020.
+  """
+  owner = 'worst_case_sharpness'
+  objective_lib.check_positive(owner, 'rho', rho)
+  _check_adaptive(owner, adaptive, eta)
+  if norm not in ('l2', 'linf'):
+    raise ValueError(
+        f"{owner}: norm must be 'l2' or 'linf', got {norm!r}."
+    )
+  num_steps = objective_lib.check_int(owner, 'num_steps', num_steps, 1)
+  if step_size is not None:
+    objective_lib.check_positive(owner, 'step_size', step_size)
+  if not isinstance(momentum, jax.core.Tracer) and not 0 < float(momentum) <= 1:
+    raise ValueError(f'{owner}: momentum must be in (0, 1], got {momentum!r}.')
+  obj = objective_lib.Objective(
+      owner, loss_fn, loss_kwargs=loss_kwargs, batches=batches, has_aux=has_aux
+  )
+  rho = jnp.asarray(rho, jnp.float32)
+  alpha = jnp.asarray(momentum, jnp.float32)
+  scale = _scale(params, adaptive, eta)
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+
+  def value_and_grad(gamma):
+    loss, grad = obj.value_and_grad(_shift(params, _apply_scale(scale, gamma)))
+    return loss, _apply_scale(scale, grad)
+
+  def ascent(grad):
+    if norm == 'l2':
+      return tree_math.tree_scale(
+          tree_math.safe_inverse(tree_math.tree_norm(grad)), grad
+      )
+    return jax.tree.map(jnp.sign, grad)
+
+  def gamma_norm(gamma):
+    if norm == 'l2':
+      return tree_math.tree_norm(gamma)
+    leaves = [jnp.max(jnp.abs(x)) for x in jax.tree.leaves(gamma) if x.size]
+    return jnp.max(jnp.stack(leaves)) if leaves else jnp.zeros([], jnp.float32)
+
+  def project(gamma):
+    if norm == 'l2':
+      factor = jnp.minimum(
+          1.0, rho * tree_math.safe_inverse(tree_math.tree_norm(gamma))
+      )
+      # safe_inverse(0) = 0 would zero gamma = 0 anyway; keep it exact.
+      factor = jnp.where(tree_math.tree_norm(gamma) > 0, factor, 1.0)
+      return tree_math.tree_scale(factor, gamma)
+    return jax.tree.map(lambda x: jnp.clip(x, -rho, rho), gamma)
+
+  def add(a, s, b):
+    return jax.tree.map(lambda x, y: x + s * y, a, b)
+
+  base_loss = obj.loss(params)
+  if random_init:
+    key = objective_lib.resolve_key(key)
+    leaves, treedef = jax.tree.flatten(zeros)
+    keys = jax.random.split(key, max(len(leaves), 1))
+    if norm == 'linf':
+      noise = [
+          jax.random.uniform(k, x.shape, jnp.float32, -1.0, 1.0)
+          for k, x in zip(keys, leaves)
+      ]
+      start = jax.tree.map(lambda x: rho * x, jax.tree.unflatten(treedef, noise))
+    else:
+      noise = jax.tree.unflatten(
+          treedef,
+          [jax.random.normal(k, x.shape, jnp.float32)
+           for k, x in zip(keys, leaves)],
+      )
+      start = tree_math.tree_scale(
+          rho * tree_math.safe_inverse(tree_math.tree_norm(noise)), noise
+      )
+  else:
+    start = zeros
+
+  step = (2.0 * rho if step_size is None
+          else jnp.asarray(step_size, jnp.float32))
+  f0, g0 = value_and_grad(start)
+  x1 = project(add(start, step, ascent(g0)))
+  f1, g1 = value_and_grad(x1)
+  first_better = f1 > f0
+  best_x = tree_math.tree_select(first_better, x1, start)
+  best_f = jnp.where(first_better, f1, f0)
+  best_g = tree_math.tree_select(first_better, g1, g0)
+  checkpoints = jnp.asarray(apgd_checkpoints(num_steps))
+
+  class Carry(NamedTuple):
+    x_prev: PyTree
+    x: PyTree
+    f: jax.Array
+    g: PyTree
+    step: jax.Array
+    best_x: PyTree
+    best_f: jax.Array
+    best_g: PyTree
+    successes: jax.Array
+    last_checkpoint: jax.Array
+    step_at_checkpoint: jax.Array
+    best_f_at_checkpoint: jax.Array
+
+  def body(k, c: Carry) -> Carry:
+    z = project(add(c.x, c.step, ascent(c.g)))
+    moved = jax.tree.map(
+        lambda x, zz, xp: x + alpha * (zz - x) + (1.0 - alpha) * (x - xp),
+        c.x, z, c.x_prev,
+    )
+    x_new = project(moved)
+    f_new, g_new = value_and_grad(x_new)
+    successes = c.successes + (f_new > c.f).astype(jnp.int32)
+    improved = f_new > c.best_f
+    best_x = tree_math.tree_select(improved, x_new, c.best_x)
+    best_f = jnp.where(improved, f_new, c.best_f)
+    best_g = tree_math.tree_select(improved, g_new, c.best_g)
+    at_checkpoint = checkpoints[k]
+    span = (k - c.last_checkpoint).astype(jnp.float32)
+    too_few = successes.astype(jnp.float32) < 0.75 * span
+    stalled = (c.step == c.step_at_checkpoint) & (
+        best_f == c.best_f_at_checkpoint)
+    reduce = at_checkpoint & (too_few | stalled)
+    x_prev = tree_math.tree_select(reduce, best_x, c.x)
+    x_next = tree_math.tree_select(reduce, best_x, x_new)
+    return Carry(
+        x_prev=x_prev,
+        x=x_next,
+        f=jnp.where(reduce, best_f, f_new),
+        g=tree_math.tree_select(reduce, best_g, g_new),
+        step=jnp.where(reduce, 0.5 * c.step, c.step),
+        best_x=best_x,
+        best_f=best_f,
+        best_g=best_g,
+        successes=jnp.where(at_checkpoint, 0, successes),
+        last_checkpoint=jnp.where(at_checkpoint, k, c.last_checkpoint),
+        step_at_checkpoint=jnp.where(at_checkpoint, c.step,
+                                     c.step_at_checkpoint),
+        best_f_at_checkpoint=jnp.where(at_checkpoint, best_f,
+                                       c.best_f_at_checkpoint),
+    )
+
+  carry = Carry(
+      x_prev=start, x=x1, f=f1, g=g1, step=step, best_x=best_x,
+      best_f=best_f, best_g=best_g,
+      successes=jnp.zeros([], jnp.int32),
+      last_checkpoint=jnp.zeros([], jnp.int32),
+      step_at_checkpoint=step,
+      best_f_at_checkpoint=best_f,
+  )
+  carry = jax.lax.fori_loop(1, num_steps, body, carry)
+  gain = carry.best_f - base_loss
+  positive = gain > 0
+  gamma = tree_math.tree_select(positive, carry.best_x, zeros)
+  return WorstCaseSharpness(
+      sharpness=jnp.where(positive, gain, 0.0),
+      perturbation_norm=gamma_norm(gamma),
+      perturbation=_apply_scale(scale, gamma),
+  )
+
+
+class AverageCaseSharpness(NamedTuple):
+  """Result of `average_case_sharpness`.
+
+  Attributes:
+    sharpness: the Monte-Carlo mean of :math:`L(w + \\sigma T_w z) - L(w)`.
+    standard_error: its standard error (sample std / sqrt(num_samples)).
+  """
+
+  sharpness: jax.Array
+  standard_error: jax.Array
+
+
+def average_case_sharpness(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    sigma: float = 0.01,
+    *,
+    num_samples: int = 16,
+    adaptive: bool = False,
+    eta: float = 0.01,
+    key: Optional[jax.Array] = None,
+    loss_kwargs: Optional[Mapping[str, Any]] = None,
+    batches: Batches = None,
+    has_aux: bool = False,
+) -> AverageCaseSharpness:
+  r"""Average-case sharpness: the mean loss increase under Gaussian noise.
+
+  .. math::
+
+    S_{\mathrm{avg}}(w) = \mathbb{E}_{z \sim \mathcal{N}(0, I)}
+      \left[L(w + \sigma\, T_w z)\right] - L(w)
+      \approx \tfrac{\sigma^2}{2} \mathrm{tr}(T_w H T_w),
+
+  with :math:`T_w = I`, or :math:`\mathrm{diag}(|w| + \eta)` when
+  ``adaptive``; estimated with ``num_samples`` draws (one forward pass of the
+  dataset loss each), returned with its standard error.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from sam_optax import sharpness
+    >>> loss_fn = lambda w: 0.5 * jnp.sum(w ** 2)  # exact: sigma^2 n / 2
+    >>> out = sharpness.average_case_sharpness(
+    ...     loss_fn, jnp.zeros(100), sigma=0.1, num_samples=64,
+    ...     key=jax.random.key(0))
+    >>> bool(abs(out.sharpness - 0.5) < 4 * out.standard_error)
+    True
+
+  Args:
+    loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar loss.
+    params: the weights w.
+    sigma: standard deviation of the noise, > 0.
+    num_samples: number of Gaussian draws, >= 1.
+    adaptive: scale the noise by :math:`|w| + \eta`.
+    eta: offset of the adaptive metric, >= 0.
+    key: PRNG key (default: a fixed key).
+    loss_kwargs: keyword arguments of ``loss_fn`` (shared ones with
+      ``batches``).
+    batches: an iterable of ``loss_kwargs`` dicts (the dataset loss).
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+
+  Returns:
+    An `AverageCaseSharpness` (sharpness, standard_error).
+
+  References:
+    Keskar et al., `On Large-Batch Training for Deep Learning
+    <https://arxiv.org/abs/1609.04836>`_, ICLR 2017; Andriushchenko et al.,
+    `A Modern Look at the Relationship between Sharpness and Generalization
+    <https://arxiv.org/abs/2302.07011>`_, ICML 2023.
+  """
+  owner = 'average_case_sharpness'
+  objective_lib.check_positive(owner, 'sigma', sigma)
+  _check_adaptive(owner, adaptive, eta)
+  num_samples = objective_lib.check_int(owner, 'num_samples', num_samples, 1)
+  obj = objective_lib.Objective(
+      owner, loss_fn, loss_kwargs=loss_kwargs, batches=batches, has_aux=has_aux
+  )
+  key = objective_lib.resolve_key(key)
+  sigma = jnp.asarray(sigma, jnp.float32)
+  scale = _scale(params, adaptive, eta)
+  base_loss = obj.loss(params)
+  leaves, treedef = jax.tree.flatten(params)
+
+  def sample(total, sample_key):
+    keys = jax.random.split(sample_key, max(len(leaves), 1))
+    z = jax.tree.unflatten(
+        treedef,
+        [jax.random.normal(k, p.shape, jnp.float32)
+         for k, p in zip(keys, leaves)],
+    )
+    delta = tree_math.tree_scale(sigma, _apply_scale(scale, z))
+    gain = obj.loss(_shift(params, delta)) - base_loss
+    return (total[0] + gain, total[1] + gain * gain), None
+
+  zero = jnp.zeros([], jnp.float32)
+  (total, total_sq), _ = jax.lax.scan(
+      sample, (zero, zero), jax.random.split(key, num_samples)
+  )
+  mean = total / num_samples
+  if num_samples > 1:
+    variance = jnp.maximum(total_sq - num_samples * mean * mean, 0.0) / (
+        num_samples - 1)
+    standard_error = jnp.sqrt(variance / num_samples)
+  else:
+    standard_error = zero
+  return AverageCaseSharpness(sharpness=mean, standard_error=standard_error)
+
+
+def _accepts_key(measure: Callable[..., Any]) -> bool:
+  try:
+    return 'key' in inspect.signature(measure).parameters
+  except (TypeError, ValueError):
+    return False
+
+
+def m_sharpness(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    m: int,
+    *,
+    measure: Optional[Callable[..., Any]] = None,
+    key: Optional[jax.Array] = None,
+    loss_kwargs: Optional[Mapping[str, Any]] = None,
+    batches: Batches = None,
+    has_aux: bool = False,
+    **measure_options: Any,
+) -> jax.Array:
+  r"""m-sharpness: the mean sharpness of disjoint chunks of m examples.
+
+  .. math::
+
+    S_m(w) = \frac{1}{|\mathcal{C}|} \sum_{C \in \mathcal{C}}
+      \Big[\max_{\|\epsilon\| \le \rho} L_C(w + \epsilon) - L_C(w)\Big],
+
+  where :math:`\mathcal{C}` splits the examples into disjoint chunks of m and
+  :math:`L_C` is the loss on chunk C. The bracket is ``measure`` (default
+  `sam_sharpness`, SAM's one-step approximation of the max; pass
+  `worst_case_sharpness` for multi-step ascent, or any helper of this module),
+  called with ``measure_options`` (e.g. ``rho=0.05``) on each chunk; chunks
+  are processed one after another with `jax.lax.map`. Every array with a
+  leading batch dimension in ``loss_kwargs`` (or in each of ``batches``) is
+  split; with ``batches`` the mean is over the chunks of every batch. A
+  ``measure`` that takes a ``key`` gets an independent key per chunk.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from sam_optax import sharpness
+    >>> def loss_fn(w, x):  # mean over examples of (x_i . w)^2 / 2
+    ...   return 0.5 * jnp.mean((x @ w) ** 2)
+    >>> x = jnp.array([[1., 0.], [0., 1.], [1., 1.], [1., -1.]])
+    >>> w = jnp.array([1., 0.5])
+    >>> per_example = sharpness.m_sharpness(  # mean of 4 one-example values
+    ...     loss_fn, w, 1, rho=0.1, loss_kwargs={'x': x})
+    >>> whole_batch = sharpness.m_sharpness(  # = sam_sharpness on the batch
+    ...     loss_fn, w, 4, rho=0.1, loss_kwargs={'x': x})
+    >>> print(f'{per_example:.4f} {whole_batch:.4f}')
+    0.1157 0.0876
+
+  Args:
+    loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar loss
+      averaged over the examples it is given.
+    params: the weights w.
+    m: examples per chunk; must divide the batch size.
+    measure: a sharpness helper ``measure(loss_fn, params, *, loss_kwargs,
+      has_aux, **measure_options)`` returning a scalar or a result with a
+      ``sharpness`` field; default `sam_sharpness`.
+    key: PRNG key, split over the chunks when ``measure`` takes one.
+    loss_kwargs: keyword arguments of ``loss_fn`` holding the batch (with
+      ``batches``: arguments shared by every batch, not split).
+    batches: an iterable of batch dicts, each split into chunks of m.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    **measure_options: forwarded to ``measure`` (e.g. ``rho``).
+
+  Returns:
+    The mean of the per-chunk sharpness, a float32 scalar.
+
+  References:
+    Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
+    Generalization <https://arxiv.org/abs/2010.01412>`_, ICLR 2021
+    (section 4.1); Andriushchenko & Flammarion, `Towards Understanding
+    Sharpness-Aware Minimization <https://arxiv.org/abs/2206.06232>`_,
+    ICML 2022.
+  """
+  owner = 'm_sharpness'
+  measure = sam_sharpness if measure is None else measure
+  if not callable(measure):
+    raise TypeError(
+        f'{owner}: measure must be a sharpness helper such as'
+        f' sam_sharpness or worst_case_sharpness, got {measure!r}.'
+    )
+  for reserved in ('loss_kwargs', 'batches', 'has_aux', 'key'):
+    if reserved in measure_options:
+      raise TypeError(f'{owner}: pass {reserved} to m_sharpness itself.')
+  if loss_kwargs is not None and not isinstance(loss_kwargs, Mapping):
+    raise TypeError(
+        f'{owner}: loss_kwargs must be a dict, got {type(loss_kwargs).__name__}.'
+    )
+  if batches is None:
+    if not loss_kwargs:
+      raise ValueError(
+          f'{owner}: m-sharpness splits a batch into chunks of m examples, so'
+          ' it needs the batch: pass loss_kwargs={...} (or batches=[...]).'
+      )
+    split = batching.split_into_chunks(owner, loss_kwargs, m)
+    common: dict[str, Any] = {}
+  else:
+    stacked, _ = objective_lib.stack_batches(owner, batches)
+    first = jax.tree.map(lambda x: x[0], stacked)
+    batching.split_into_chunks(owner, first, m)  # the errors, early
+    per_batch = batching.batch_size(owner, first) // m
+
+    def chunks(x):
+      # (B, n, ...) -> (B * n / m, m, ...): the chunks of every batch; a
+      # per-batch scalar (shape (B,)) goes to each of that batch's chunks.
+      if x.ndim > 1:
+        return jnp.reshape(x, (-1, m) + x.shape[2:])
+      return jnp.repeat(x, per_batch)
+
+    split = jax.tree.map(chunks, stacked)
+    common = dict(loss_kwargs or {})
+  leaves, treedef = jax.tree.flatten(split)
+  mapped = [i for i, x in enumerate(leaves) if jnp.ndim(x) > 0]
+  num_chunks = int(jnp.shape(leaves[mapped[0]])[0])
+  pass_key = _accepts_key(measure)
+  keys = jax.random.split(objective_lib.resolve_key(key), num_chunks)
+
+  def one_chunk(inputs):
+    chunk_leaves, chunk_key = inputs
+    full = list(leaves)
+    for i, x in zip(mapped, chunk_leaves):
+      full[i] = x
+    chunk_kwargs = {**common, **jax.tree.unflatten(treedef, full)}
+    extra = {'key': chunk_key} if pass_key else {}
+    out = measure(loss_fn, params, loss_kwargs=chunk_kwargs, has_aux=has_aux,
+                  **extra, **measure_options)
+    value = getattr(out, 'sharpness', out)
+    return jnp.asarray(value, jnp.float32)
+
+  values = jax.lax.map(one_chunk, ([leaves[i] for i in mapped], keys))
+  return jnp.mean(values)

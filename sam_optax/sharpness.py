@@ -1,0 +1,69 @@
+"""Sharpness measurement: stateless, jit-able helpers.
+
+Every helper is a pure function ``name(loss_fn, params, ..., *,
+loss_kwargs=None, batches=None, key=None, has_aux=False, ...)``:
+
+- ``loss_fn(params, **loss_kwargs)`` returns a scalar loss (or ``(loss, aux)``
+  with ``has_aux=True``), as in the transformations;
+- ``loss_kwargs`` is one batch (the loss's keyword arguments, in a dict so
+  they never collide with the helper's options);
+- ``batches`` is an iterable of such dicts: the helper then measures the
+  dataset loss, the mean over the batches (``loss_kwargs`` then holds the
+  arguments shared by every batch); batches are stacked and scanned, so the
+  helper stays jit-able;
+- stochastic helpers take ``key`` (default: a fixed key) and are
+  deterministic for a given key.
+
+Hessian quantities use Hessian-vector products (forward-over-reverse); the
+Hessian is never formed.
+"""
+
+from sam_optax._src.sharpness.hessian import HessianEigenvalues
+from sam_optax._src.sharpness.hessian import HessianTopEigenvalue
+from sam_optax._src.sharpness.hessian import HessianTrace
+from sam_optax._src.sharpness.hessian import SpectralDensity
+from sam_optax._src.sharpness.hessian import hessian_eigenvalues
+from sam_optax._src.sharpness.hessian import hessian_spectral_density
+from sam_optax._src.sharpness.hessian import hessian_top_eigenvalue
+from sam_optax._src.sharpness.hessian import hessian_trace
+from sam_optax._src.sharpness.hessian import hessian_vector_product
+from sam_optax._src.sharpness.landscape import Landscape1D
+from sam_optax._src.sharpness.landscape import Landscape2D
+from sam_optax._src.sharpness.landscape import filter_normalized_direction
+from sam_optax._src.sharpness.landscape import loss_landscape_1d
+from sam_optax._src.sharpness.landscape import loss_landscape_2d
+from sam_optax._src.sharpness.perturbation import AverageCaseSharpness
+from sam_optax._src.sharpness.perturbation import WorstCaseSharpness
+from sam_optax._src.sharpness.perturbation import average_case_sharpness
+from sam_optax._src.sharpness.perturbation import first_order_sharpness
+from sam_optax._src.sharpness.perturbation import m_sharpness
+from sam_optax._src.sharpness.perturbation import sam_sharpness
+from sam_optax._src.sharpness.perturbation import worst_case_sharpness
+from sam_optax._src.sharpness.plotting import plot_loss_landscape
+from sam_optax._src.sharpness.plotting import plot_spectral_density
+
+__all__ = (
+    'AverageCaseSharpness',
+    'HessianEigenvalues',
+    'HessianTopEigenvalue',
+    'HessianTrace',
+    'Landscape1D',
+    'Landscape2D',
+    'SpectralDensity',
+    'WorstCaseSharpness',
+    'average_case_sharpness',
+    'filter_normalized_direction',
+    'first_order_sharpness',
+    'hessian_eigenvalues',
+    'hessian_spectral_density',
+    'hessian_top_eigenvalue',
+    'hessian_trace',
+    'hessian_vector_product',
+    'loss_landscape_1d',
+    'loss_landscape_2d',
+    'm_sharpness',
+    'plot_loss_landscape',
+    'plot_spectral_density',
+    'sam_sharpness',
+    'worst_case_sharpness',
+)
