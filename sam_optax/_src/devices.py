@@ -44,6 +44,14 @@ SEQUENTIAL = 'sequential'
 VECTORIZED = 'vectorized'
 
 
+def _is_explicit(mesh: jax.sharding.Mesh, axis: Hashable) -> bool:
+  axis_type = getattr(jax.sharding, 'AxisType', None)
+  types = getattr(mesh, 'axis_types', None)
+  if axis_type is None or types is None:
+    return False
+  return types[mesh.axis_names.index(axis)] == axis_type.Explicit
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshChunks:
   """Vectorized chunks with the chunk axis sharded over a mesh axis.
@@ -66,12 +74,16 @@ class MeshChunks:
   def constrain(self, tree: PyTree) -> PyTree:
     """Shards the leading (chunk) dimension of every non-scalar leaf."""
     sharding = NamedSharding(self.mesh, PartitionSpec(self.axis))
-    return jax.tree.map(
-        lambda x: jax.lax.with_sharding_constraint(x, sharding)
-        if jnp.ndim(x) > 0
-        else x,
-        tree,
-    )
+    explicit = _is_explicit(self.mesh, self.axis)
+
+    def put(x):
+      if jnp.ndim(x) == 0:
+        return x
+      if explicit:  # jax.make_mesh's default axis type in jax >= 0.7
+        return jax.sharding.reshard(x, sharding)
+      return jax.lax.with_sharding_constraint(x, sharding)
+
+    return jax.tree.map(put, tree)
 
 
 ChunkMode = Union[str, MeshChunks]

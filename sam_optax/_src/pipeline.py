@@ -290,6 +290,51 @@ def sharpness_aware(
   value_and_grad = jax.value_and_grad(scalar_loss)
   rho_is_zero = _is_static_zero(hyperparams['rho'])
 
+  axes = layout.axis_name
+  axes = () if axes is None else (
+      tuple(axes) if isinstance(axes, (tuple, list)) else (axes,))
+
+  def varying_axes(x) -> frozenset:
+    aval = jax.typeof(x)
+    manual = getattr(aval, 'manual_axis_type', None)  # jax >= 0.10
+    if manual is not None:
+      return frozenset(getattr(manual, 'varying', ()))
+    return frozenset(getattr(aval, 'vma', ()))  # older jax
+
+  def check_local(updates, loss_kwargs) -> bool:
+    """Whether shard_map tracks device variance here (check_vma=True).
+
+    Then a gradient taken at replicated weights is summed over the devices,
+    so the incoming gradient must vary over the axis, and every gradient the
+    pipeline takes is taken at weights marked varying (`make_local`).
+    """
+    if not axes:
+      return False
+    tracked = any(set(axes) & varying_axes(x)
+                  for x in jax.tree.leaves((updates, loss_kwargs)))
+    if tracked and not any(set(axes) <= varying_axes(g)
+                           for g in jax.tree.leaves(updates)):
+      raise ValueError(
+          f'{owner}: with axis_name={layout.axis_name!r} the incoming gradient'
+          ' must be each device\'s own, but it is replicated over the axis:'
+          ' inside jax.shard_map, jax.grad with respect to replicated params'
+          ' already sums the gradient over the devices. Differentiate with'
+          f' respect to jax.lax.pcast(params, {layout.axis_name!r},'
+          " to='varying') instead, or use jax.shard_map(...,"
+          ' check_vma=False).'
+      )
+    return tracked
+
+  def make_local(tree, tracked):
+    if not tracked:
+      return tree
+
+    def cast(x):
+      missing = tuple(a for a in axes if a not in varying_axes(x))
+      return jax.lax.pcast(x, missing, to='varying') if missing else x
+
+    return jax.tree.map(cast, tree)
+
   def sync(grad):
     if not layout.sync_perturbation:
       return grad
@@ -357,12 +402,16 @@ def sharpness_aware(
     hp = {name: _evaluate(v, state.count) for name, v in hyperparams.items()}
     rho = hp['rho']
     mode = layout.chunk_mode
+    tracked = check_local(updates, loss_kwargs)
+
+    def local_value_and_grad(w, kw):
+      return value_and_grad(make_local(w, tracked), kw)
 
     if layout.chunk_size is None:
       clean_grad = sync(updates)
       out, perturbed_loss, extra = sharpen(
           clean_grad, params, state, hp,
-          grad_at=lambda w: value_and_grad(w, loss_kwargs),
+          grad_at=lambda w: local_value_and_grad(w, loss_kwargs),
           loss_at=lambda w: scalar_loss(w, loss_kwargs),
       )
     else:
@@ -374,7 +423,7 @@ def sharpness_aware(
 
         def grad_at(w):
           (loss, grad), _ = devices.over_chunks(
-              lambda kw: (value_and_grad(w, kw), None),
+              lambda kw: (local_value_and_grad(w, kw), None),
               split_kwargs, chunks, mode)
           return loss, tree_math.tree_cast_like(grad, params)
 
@@ -391,10 +440,10 @@ def sharpness_aware(
         clean_grad = updates
 
         def one_chunk(kw):
-          _, chunk_grad = value_and_grad(params, kw)
+          _, chunk_grad = local_value_and_grad(params, kw)
           chunk_out, chunk_loss, chunk_extra = sharpen(
               chunk_grad, params, state, hp,
-              grad_at=lambda w: value_and_grad(w, kw),
+              grad_at=lambda w: local_value_and_grad(w, kw),
               loss_at=lambda w: scalar_loss(w, kw),
           )
           return (chunk_out, chunk_loss), chunk_extra

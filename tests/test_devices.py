@@ -1,0 +1,378 @@
+"""Data-parallel and m-sharpness layouts of the SAM pipeline, on 8 CPU devices.
+
+Every numerical check compares against a hand-written SAM / ASAM gradient
+(`reference_sam`, plain `jax.grad` on the loss and the formula of the paper),
+never against the transformation under test.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import sam_optax
+
+DEVICES = 8
+BATCH = 64
+RHO = 0.3
+ATOL = 2e-5
+
+
+def loss_fn(params, x, y):
+  h = jnp.tanh(x @ params['w1'] + params['b1'])
+  return jnp.mean((h @ params['w2'] - y) ** 2)
+
+
+def make_problem():
+  keys = jax.random.split(jax.random.key(0), 5)
+  params = {
+      'w1': jax.random.normal(keys[0], (5, 6)),
+      'b1': 0.1 * jax.random.normal(keys[1], (6,)),
+      'w2': jax.random.normal(keys[2], (6, 2)),
+  }
+  x = jax.random.normal(keys[3], (BATCH, 5))
+  y = jax.random.normal(keys[4], (BATCH, 2))
+  return params, x, y
+
+
+PARAMS, X, Y = make_problem()
+
+
+def reference_sam(params, x, y, rho=RHO, steps=1, eta=None):
+  """SAM (eta=None) or ASAM gradient on one batch, written out by hand."""
+  grad = jax.grad(loss_fn)
+  w = params
+  point = params
+  for _ in range(steps):
+    g = grad(point, x, y)
+    if eta is None:
+      scale = jax.tree.map(jnp.ones_like, params)
+    else:
+      scale = jax.tree.map(lambda p: jnp.abs(p) + eta, w)
+    tg = jax.tree.map(lambda t, gi: t * gi, scale, g)
+    norm = jnp.sqrt(sum(jnp.sum(v ** 2) for v in jax.tree.leaves(tg)))
+    point = jax.tree.map(
+        lambda p, t, v: p + (rho / steps) * t * v / norm, point, scale, tg
+    )
+  return grad(point, x, y), loss_fn(point, x, y)
+
+
+def tree_mean(trees):
+  return jax.tree.map(lambda *xs: sum(xs) / len(xs), *trees)
+
+
+def assert_close(a, b, atol=ATOL):
+  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(u), np.asarray(v), atol=atol,
+                               rtol=1e-4)
+
+
+def shards(n):
+  size = BATCH // n
+  return [(X[i * size:(i + 1) * size], Y[i * size:(i + 1) * size])
+          for i in range(n)]
+
+
+MESH = jax.make_mesh((DEVICES,), ('d',))
+REPLICATED = NamedSharding(MESH, P())
+SPLIT = NamedSharding(MESH, P('d'))
+
+
+def local(params):
+  # Inside shard_map a gradient at replicated weights is summed over devices;
+  # at weights marked varying it is the device's own.
+  return jax.lax.pcast(params, 'd', to='varying')
+
+
+def shard_map_step(tx):
+  """jit(shard_map) of one update: local gradient in, averaged gradient out."""
+
+  def step(params, state, x, y):
+    grads = jax.grad(loss_fn)(local(params), x, y)
+    return tx.update(grads, state, params, x=x, y=y)
+
+  return jax.jit(jax.shard_map(
+      step, mesh=MESH, in_specs=(P(), P(), P('d'), P('d')),
+      out_specs=(P(), P())))
+
+
+def run_shard_map(tx):
+  state = tx.init(PARAMS)
+  params, state = jax.device_put((PARAMS, state), REPLICATED)
+  x, y = jax.device_put((X, Y), SPLIT)
+  return shard_map_step(tx)(params, state, x, y)
+
+
+# ---------------------------------------------------------------- devices --
+
+
+@pytest.mark.parametrize('variant', ['sam', 'asam'])
+def test_shard_map_is_mean_of_per_device_sam(variant):
+  if variant == 'sam':
+    tx = sam_optax.sam(loss_fn, RHO, axis_name='d')
+    eta = None
+  else:
+    tx = sam_optax.asam(loss_fn, RHO, eta=0.1, axis_name='d')
+    eta = 0.1
+  out, state = run_shard_map(tx)
+  refs = [reference_sam(PARAMS, x, y, eta=eta) for x, y in shards(DEVICES)]
+  assert_close(out, tree_mean([g for g, _ in refs]))
+  np.testing.assert_allclose(
+      state.perturbed_loss, np.mean([l for _, l in refs]), rtol=1e-5)
+  # The per-device perturbation differs from the full-batch one.
+  full, _ = reference_sam(PARAMS, X, Y, eta=eta)
+  assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+      jax.tree.leaves(out), jax.tree.leaves(full))) > 1e-3
+
+
+def test_pmap_is_mean_of_per_device_sam():
+  tx = sam_optax.sam(loss_fn, RHO, axis_name='i', ascent_steps=2)
+  state = tx.init(PARAMS)
+
+  def step(params, state, x, y):
+    grads = jax.grad(loss_fn)(params, x, y)
+    return tx.update(grads, state, params, x=x, y=y)
+
+  out, new_state = jax.pmap(step, axis_name='i', in_axes=(None, None, 0, 0))(
+      PARAMS, state, X.reshape(DEVICES, -1, 5), Y.reshape(DEVICES, -1, 2))
+  expected = tree_mean(
+      [reference_sam(PARAMS, x, y, steps=2)[0] for x, y in shards(DEVICES)])
+  for d in range(DEVICES):
+    assert_close(jax.tree.map(lambda v: v[d], out), expected)
+  # Diagnostics are averaged with the gradient: the state is replicated.
+  assert np.ptp(np.asarray(new_state.perturbed_loss)) == 0
+  assert np.ptp(np.asarray(new_state.cosine)) == 0
+
+
+def test_synced_perturbation_is_full_batch_sam():
+  tx = sam_optax.sam(loss_fn, RHO, axis_name='d', sync_perturbation=True,
+                     ascent_steps=2)
+  out, state = run_shard_map(tx)
+  expected, loss = reference_sam(PARAMS, X, Y, steps=2)
+  assert_close(out, expected)
+  np.testing.assert_allclose(state.perturbed_loss, loss, rtol=1e-5)
+  full_grad = jax.grad(loss_fn)(PARAMS, X, Y)
+  norm = np.sqrt(sum(float(jnp.sum(g ** 2)) for g in jax.tree.leaves(
+      full_grad)))
+  np.testing.assert_allclose(state.grad_norm, norm, rtol=1e-5)
+
+
+def test_pmap_groups_sync_inside_groups():
+  groups = [[0, 1], [2, 3], [4, 5], [6, 7]]
+  tx = sam_optax.sam(loss_fn, RHO, axis_name='i', sync_perturbation=True,
+                     axis_index_groups=groups)
+  state = tx.init(PARAMS)
+
+  def step(params, state, x, y):
+    grads = jax.grad(loss_fn)(params, x, y)
+    return tx.update(grads, state, params, x=x, y=y)
+
+  out, _ = jax.pmap(step, axis_name='i', in_axes=(None, None, 0, 0))(
+      PARAMS, state, X.reshape(DEVICES, -1, 5), Y.reshape(DEVICES, -1, 2))
+  # m = 2 devices x 8 examples: SAM on each group's 16 examples, averaged.
+  expected = tree_mean([reference_sam(PARAMS, x, y)[0] for x, y in shards(4)])
+  assert_close(jax.tree.map(lambda v: v[0], out), expected)
+
+
+def test_xsam_per_device():
+  # With the probe off and alpha=1, XSAM is SAM: mean of per-device SAM.
+  tx = sam_optax.xsam(loss_fn, RHO, probe_every=None, alpha=1.0,
+                      axis_name='d')
+  out, _ = run_shard_map(tx)
+  expected = tree_mean(
+      [reference_sam(PARAMS, x, y)[0] for x, y in shards(DEVICES)])
+  assert_close(out, expected)
+  # With the probe on, alpha agrees across devices (replicated out_specs).
+  tx = sam_optax.xsam(loss_fn, RHO, rho_max=0.5, probe_every=1,
+                      alpha_step=0.5, axis_name='d')
+  _, state = run_shard_map(tx)
+  assert 0.0 <= float(state.alpha) <= 2.0
+  assert np.all(np.isfinite(np.asarray(state.probe_losses)))
+
+
+ALL_REDUCE = re.compile(r'\ball-reduce(?:-start)?\(')
+
+
+def count_all_reduces(fn, *args):
+  return len(ALL_REDUCE.findall(fn.lower(*args).compile().as_text()))
+
+
+def test_all_reduce_count_matches_data_parallel_sgd():
+  sgd = optax.sgd(0.1)
+  tx_sam = optax.chain(sam_optax.sam(loss_fn, RHO, axis_name='d'), sgd)
+  tx_sync = optax.chain(
+      sam_optax.sam(loss_fn, RHO, axis_name='d', sync_perturbation=True), sgd)
+
+  def sgd_step(params, state, x, y):
+    grads = jax.lax.pmean(jax.grad(loss_fn)(local(params), x, y), 'd')
+    updates, state = sgd.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  def make_step(tx):
+    def step(params, state, x, y):
+      grads = jax.grad(loss_fn)(local(params), x, y)
+      updates, state = tx.update(grads, state, params, x=x, y=y)
+      return optax.apply_updates(params, updates), state
+    return step
+
+  specs = dict(mesh=MESH, in_specs=(P(), P(), P('d'), P('d')),
+               out_specs=(P(), P()))
+  x, y = jax.device_put((X, Y), SPLIT)
+  counts = {}
+  for name, step, tx in [('sgd', sgd_step, sgd),
+                         ('sam', make_step(tx_sam), tx_sam),
+                         ('sync', make_step(tx_sync), tx_sync)]:
+    state = jax.device_put(tx.init(PARAMS), REPLICATED)
+    params = jax.device_put(PARAMS, REPLICATED)
+    counts[name] = count_all_reduces(
+        jax.jit(jax.shard_map(step, **specs)), params, state, x, y)
+  assert counts['sgd'] >= 1
+  assert counts['sam'] <= counts['sgd'], counts
+  # The synced perturbation costs exactly one more gradient average.
+  assert counts['sync'] == counts['sam'] + 1, counts
+
+
+# ----------------------------------------------------------------- chunks --
+
+
+CHUNK = 8
+
+
+def chunk_reference(x, y, m):
+  n = x.shape[0] // m
+  return tree_mean([reference_sam(PARAMS, x[i * m:(i + 1) * m],
+                                  y[i * m:(i + 1) * m])[0] for i in range(n)])
+
+
+@pytest.mark.parametrize('mode', ['sequential', 'vectorized'])
+def test_chunks_equal_per_chunk_reference(mode):
+  tx = sam_optax.sam(loss_fn, RHO, chunk_size=CHUNK, chunk_mode=mode)
+  grads = jax.grad(loss_fn)(PARAMS, X, Y)
+  out, state = jax.jit(tx.update)(grads, tx.init(PARAMS), PARAMS, x=X, y=Y)
+  assert_close(out, chunk_reference(X, Y, CHUNK))
+  # Diagnostics: ||g0|| is the incoming full-batch gradient's norm.
+  norm = np.sqrt(sum(float(jnp.sum(g ** 2)) for g in jax.tree.leaves(grads)))
+  np.testing.assert_allclose(state.grad_norm, norm, rtol=1e-5)
+
+
+def test_chunks_inside_shard_map_and_on_a_mesh_agree():
+  # Per device: 8 examples in chunks of 4 -> 16 perturbations in all.
+  tx = sam_optax.sam(loss_fn, RHO, axis_name='d', chunk_size=4,
+                     chunk_mode='vectorized')
+  expected = chunk_reference(X, Y, 4)
+  via_shard_map, _ = run_shard_map(tx)
+  assert_close(via_shard_map, expected)
+  # Plain jit, batch sharded over the mesh, chunks laid over its data axis.
+  tx = sam_optax.sam(loss_fn, RHO, chunk_size=4,
+                     chunk_mode=sam_optax.mesh_chunks(MESH, 'd'))
+  batch = sam_optax.shard_batch({'x': X, 'y': Y}, MESH, 'd')
+  params = jax.device_put(PARAMS, REPLICATED)
+
+  @jax.jit
+  def step(params, state, batch):
+    grads = jax.grad(loss_fn)(params, **batch)
+    return tx.update(grads, state, params, **batch)
+
+  via_mesh, _ = step(params, tx.init(params), batch)
+  assert_close(via_mesh, expected)
+  assert_close(via_mesh, via_shard_map)
+
+
+def test_shared_perturbation_is_full_batch_sam():
+  vg = sam_optax.chunked_value_and_grad(loss_fn, chunk_size=CHUNK)
+  loss, grads = jax.jit(vg)(PARAMS, x=X, y=Y)
+  np.testing.assert_allclose(loss, loss_fn(PARAMS, X, Y), rtol=1e-5)
+  assert_close(grads, jax.grad(loss_fn)(PARAMS, X, Y))
+  tx = sam_optax.sam(loss_fn, RHO, chunk_size=CHUNK, shared_perturbation=True,
+                     ascent_steps=2)
+  out, state = jax.jit(tx.update)(grads, tx.init(PARAMS), PARAMS, x=X, y=Y)
+  expected, perturbed_loss = reference_sam(PARAMS, X, Y, steps=2)
+  assert_close(out, expected)
+  np.testing.assert_allclose(state.perturbed_loss, perturbed_loss, rtol=1e-5)
+
+
+def test_xsam_chunk_state_is_mean_over_chunks():
+  tx = sam_optax.xsam(loss_fn, RHO, rho_max=0.5, probe_every=1,
+                      alpha_step=0.5, chunk_size=32, chunk_mode='vectorized')
+  grads = jax.grad(loss_fn)(PARAMS, X, Y)
+  _, state = jax.jit(tx.update)(grads, tx.init(PARAMS), PARAMS, x=X, y=Y)
+  # Each chunk probes alone; a per-chunk xsam on each half gives its alpha.
+  single = sam_optax.xsam(loss_fn, RHO, rho_max=0.5, probe_every=1,
+                          alpha_step=0.5)
+  alphas, losses = [], []
+  for i in range(2):
+    x, y = X[32 * i:32 * (i + 1)], Y[32 * i:32 * (i + 1)]
+    g = jax.grad(loss_fn)(PARAMS, x, y)
+    _, s = single.update(g, single.init(PARAMS), PARAMS, x=x, y=y)
+    alphas.append(float(s.alpha))
+    losses.append(np.asarray(s.probe_losses))
+  np.testing.assert_allclose(state.alpha, np.mean(alphas), rtol=1e-6)
+  np.testing.assert_allclose(state.probe_losses, np.mean(losses, axis=0),
+                             rtol=1e-5)
+
+
+# ----------------------------------------------------------------- errors --
+
+
+def test_uneven_batch_names_both_sizes():
+  tx = sam_optax.sam(loss_fn, RHO, chunk_size=12)
+  grads = jax.grad(loss_fn)(PARAMS, X, Y)
+  with pytest.raises(ValueError, match=r'batch of 64 examples.*m=12'):
+    tx.update(grads, tx.init(PARAMS), PARAMS, x=X, y=Y)
+
+
+def test_mesh_chunks_must_lay_evenly():
+  tx = sam_optax.sam(loss_fn, RHO, chunk_size=16,
+                     chunk_mode=sam_optax.mesh_chunks(MESH, 'd'))
+  grads = jax.grad(loss_fn)(PARAMS, X, Y)
+  with pytest.raises(ValueError, match=r'4 chunks of m=16.*8 devices'):
+    tx.update(grads, tx.init(PARAMS), PARAMS, x=X, y=Y)
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(sync_perturbation=True), 'needs axis_name'),
+    (dict(axis_name='d', axis_index_groups=[[0, 1]]),
+     'needs sync_perturbation'),
+    (dict(axis_name='d', sync_perturbation=True,
+          axis_index_groups=[[0, 1], [1, 2]]), 'disjoint groups'),
+    (dict(chunk_mode='vectorized'), 'without chunk_size'),
+    (dict(chunk_mode='parallel', chunk_size=4), "chunk_mode must be"),
+    (dict(shared_perturbation=True), 'pass chunk_size'),
+    (dict(chunk_size=0), 'chunk_size must be an int >= 1'),
+    (dict(axis_name='d', sync_perturbation=True, chunk_size=4),
+     'shared_perturbation=True for global SAM'),
+    (dict(axis_name='d', chunk_size=4,
+          chunk_mode=sam_optax.mesh_chunks(MESH, 'd')), 'plain jax.jit'),
+    (dict(axis_name=['d']), 'hashable'),
+])
+def test_bad_options_fail_at_construction(kwargs, message):
+  for factory in (sam_optax.sam, sam_optax.asam, sam_optax.xsam):
+    with pytest.raises((ValueError, TypeError), match=message):
+      factory(loss_fn, **kwargs)
+
+
+def test_summed_gradient_inside_shard_map_is_an_error():
+  tx = sam_optax.sam(loss_fn, RHO, axis_name='d')
+
+  def step(params, state, x, y):
+    grads = jax.grad(loss_fn)(params, x, y)  # summed over the devices
+    return tx.update(grads, state, params, x=x, y=y)
+
+  fn = jax.jit(jax.shard_map(step, mesh=MESH,
+                             in_specs=(P(), P(), P('d'), P('d')),
+                             out_specs=(P(), P())))
+  params, state = jax.device_put((PARAMS, tx.init(PARAMS)), REPLICATED)
+  with pytest.raises(ValueError, match="pcast"):
+    fn(params, state, *jax.device_put((X, Y), SPLIT))
+
+
+def test_mesh_helpers_check_their_axis():
+  with pytest.raises(ValueError, match="not 'batch'"):
+    sam_optax.mesh_chunks(MESH, 'batch')
+  with pytest.raises(ValueError, match='multiple of 8'):
+    sam_optax.shard_batch({'x': jnp.ones((12, 2))}, MESH, 'd')
