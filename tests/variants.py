@@ -25,4 +25,5 @@ VARIANTS = [
     Variant('sam', sam_optax.sam),
     Variant('sam_k2', sam_optax.sam, {'ascent_steps': 2}),
     Variant('asam', sam_optax.asam, {'eta': 0.01}),
+    Variant('xsam', sam_optax.xsam, {'probe_every': 1, 'rho_max': 0.02}),
 ]
