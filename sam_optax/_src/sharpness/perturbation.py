@@ -207,7 +207,7 @@ def apgd_checkpoints(num_steps: int) -> np.ndarray:
     points.append(points[-1] + max(points[-1] - points[-2] - 0.03, 0.06))
   mask = np.zeros(num_steps + 1, dtype=bool)
   for p in points[1:]:
-    step = int(math.ceil(p * num_steps))
+    step = int(math.ceil(p * num_steps - 1e-9))
     if 1 <= step <= num_steps:
       mask[step] = True
   return mask

@@ -1,0 +1,321 @@
+"""Perturbation sharpness helpers against closed forms on quadratics."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sam_optax import sharpness
+
+
+def quadratic(w, a, c):
+  """L(w) = w^T A w / 2 + c^T w (gradient A w + c, Hessian A)."""
+  return 0.5 * w @ a @ w + c @ w
+
+
+RNG = np.random.default_rng(0)
+DIM = 6
+_M = RNG.normal(size=(DIM, DIM))
+A = _M @ _M.T / DIM + 0.2 * np.eye(DIM)  # positive definite
+C = RNG.normal(size=DIM)
+W = RNG.normal(size=DIM)
+G = A @ W + C  # the gradient at W
+QUAD = {'a': jnp.asarray(A, jnp.float32), 'c': jnp.asarray(C, jnp.float32)}
+W32 = jnp.asarray(W, jnp.float32)
+
+
+def gain(d, a=A, g=G):
+  """L(w + d) - L(w) on the quadratic."""
+  return g @ d + 0.5 * d @ a @ d
+
+
+def trust_region_max(a, g, rho):
+  """max g.d + d^T A d / 2 over ||d||_2 <= rho, A PSD (secular equation)."""
+  lam, q = np.linalg.eigh(a)
+  gq = q.T @ g
+  lo, hi = lam[-1], lam[-1] + np.linalg.norm(g) / rho
+  for _ in range(200):
+    mu = 0.5 * (lo + hi)
+    if np.linalg.norm(gq / (mu - lam)) > rho:
+      lo = mu
+    else:
+      hi = mu
+  d = q @ (gq / (hi - lam))
+  return gain(d, a, g), d
+
+
+# --- first-order and SAM sharpness ---------------------------------------
+
+
+def test_first_order_is_rho_times_grad_norm():
+  s = sharpness.first_order_sharpness(quadratic, W32, rho=0.1,
+                                      loss_kwargs=QUAD)
+  np.testing.assert_allclose(float(s), 0.1 * np.linalg.norm(G), rtol=1e-5)
+  s = sharpness.first_order_sharpness(quadratic, W32, rho=0.1,
+                                      adaptive=True, eta=0.01,
+                                      loss_kwargs=QUAD)
+  t = np.abs(W) + 0.01
+  np.testing.assert_allclose(float(s), 0.1 * np.linalg.norm(t * G),
+                             rtol=1e-5)
+
+
+def test_sam_sharpness_closed_form():
+  rho = 0.3
+  s = sharpness.sam_sharpness(quadratic, W32, rho=rho, loss_kwargs=QUAD)
+  eps = rho * G / np.linalg.norm(G)
+  np.testing.assert_allclose(float(s), gain(eps), rtol=1e-4)
+
+
+def test_adaptive_sam_sharpness_closed_form():
+  rho, eta = 0.3, 0.05
+  s = sharpness.sam_sharpness(quadratic, W32, rho=rho, adaptive=True,
+                              eta=eta, loss_kwargs=QUAD)
+  t = np.abs(W) + eta
+  eps = rho * t ** 2 * G / np.linalg.norm(t * G)
+  np.testing.assert_allclose(float(s), gain(eps), rtol=1e-4)
+
+
+def test_zero_gradient_gives_zero_sharpness_not_nan():
+  loss_fn = lambda w: jnp.sum(w ** 2)
+  zero = jnp.zeros(3)
+  for adaptive in (False, True):
+    assert float(sharpness.first_order_sharpness(
+        loss_fn, zero, adaptive=adaptive)) == 0.0
+    assert float(sharpness.sam_sharpness(
+        loss_fn, zero, adaptive=adaptive)) == 0.0
+  out = sharpness.worst_case_sharpness(loss_fn, zero, num_steps=3)
+  assert float(out.sharpness) == 0.0 and float(out.perturbation_norm) == 0.0
+
+
+# --- worst-case sharpness -------------------------------------------------
+
+
+def test_worst_case_l2_matches_trust_region_solution():
+  rho = 0.5
+  out = sharpness.worst_case_sharpness(quadratic, W32, rho=rho,
+                                       num_steps=100, loss_kwargs=QUAD)
+  expected, d = trust_region_max(A, G, rho)
+  np.testing.assert_allclose(float(out.sharpness), expected, rtol=1e-3)
+  np.testing.assert_allclose(float(out.perturbation_norm), rho, rtol=1e-3)
+  np.testing.assert_allclose(np.asarray(out.perturbation), d, atol=2e-2)
+  # Beats (or ties) SAM's one step, which is a feasible point.
+  sam = sharpness.sam_sharpness(quadratic, W32, rho=rho, loss_kwargs=QUAD)
+  assert float(out.sharpness) >= float(sam) - 1e-5
+
+
+def test_worst_case_at_a_minimum_finds_the_top_eigendirection():
+  # At w* = -A^{-1} c the gradient vanishes: max = rho^2 lambda_max / 2,
+  # found only from a random start.
+  w_star = jnp.asarray(-np.linalg.solve(A, C), jnp.float32)
+  rho = 0.2
+  out = sharpness.worst_case_sharpness(
+      quadratic, w_star, rho=rho, num_steps=60, random_init=True,
+      key=jax.random.key(0), loss_kwargs=QUAD)
+  np.testing.assert_allclose(float(out.sharpness),
+                             0.5 * rho ** 2 * np.linalg.eigvalsh(A)[-1],
+                             rtol=1e-2)
+
+
+def test_worst_case_linf_diagonal_closed_form():
+  # Separable convex quadratic: each coordinate goes to a corner,
+  # gain_i = rho |g_i| + a_i rho^2 / 2 at the corner sign(g_i) (from w; a
+  # random start may end in the other, local, corner).
+  a = np.array([1.0, 2.0, 0.5, 3.0])
+  w = np.array([0.3, -0.2, 0.0, 0.1])
+  c = np.array([0.1, 0.0, -0.4, 0.0])
+  g = a * w + c
+  kwargs = {'a': jnp.asarray(np.diag(a), jnp.float32),
+            'c': jnp.asarray(c, jnp.float32)}
+  rho = 0.25
+  out = sharpness.worst_case_sharpness(
+      quadratic, jnp.asarray(w, jnp.float32), rho=rho, norm='linf',
+      num_steps=30, loss_kwargs=kwargs)
+  np.testing.assert_allclose(
+      float(out.sharpness), np.sum(rho * np.abs(g) + 0.5 * a * rho ** 2),
+      rtol=1e-4)
+  np.testing.assert_allclose(float(out.perturbation_norm), rho, rtol=1e-5)
+  # Adaptive: delta = T gamma with |gamma_i| <= rho, T = |w| + eta.
+  eta = 0.1
+  t = np.abs(w) + eta
+  out = sharpness.worst_case_sharpness(
+      quadratic, jnp.asarray(w, jnp.float32), rho=rho, norm='linf',
+      adaptive=True, eta=eta, num_steps=30, loss_kwargs=kwargs)
+  np.testing.assert_allclose(
+      float(out.sharpness),
+      np.sum(rho * t * np.abs(g) + 0.5 * a * (rho * t) ** 2), rtol=1e-4)
+  np.testing.assert_allclose(np.abs(np.asarray(out.perturbation)), rho * t,
+                             rtol=1e-4)
+
+
+def test_worst_case_adaptive_l2_matches_scaled_trust_region():
+  # gamma-space problem: max (T g).gamma + gamma^T (T A T) gamma / 2.
+  rho, eta = 0.3, 0.0
+  t = np.abs(W) + eta
+  out = sharpness.worst_case_sharpness(
+      quadratic, W32, rho=rho, adaptive=True, eta=eta, num_steps=100,
+      loss_kwargs=QUAD)
+  expected, _ = trust_region_max(t[:, None] * A * t[None], t * G, rho)
+  np.testing.assert_allclose(float(out.sharpness), expected, rtol=1e-3)
+
+
+@functools.partial(jax.jit, static_argnames=('norm',))
+def jitted_worst_case(w, kwargs, rho, norm):
+  return sharpness.worst_case_sharpness(quadratic, w, rho=rho, norm=norm,
+                                        num_steps=100, loss_kwargs=kwargs)
+
+
+def test_worst_case_under_jit_with_traced_rho():
+  out = jitted_worst_case(W32, QUAD, 0.5, 'l2')
+  np.testing.assert_allclose(float(out.sharpness),
+                             trust_region_max(A, G, 0.5)[0], rtol=1e-3)
+
+
+def test_apgd_checkpoints():
+  # Croce & Hein: p = 0, 0.22, 0.41, 0.57, 0.7, 0.8, 0.87, 0.93, 0.99, ...
+  mask = sharpness_checkpoints(100)
+  assert list(np.flatnonzero(mask)) == [22, 41, 57, 70, 80, 87, 93, 99]
+
+
+def sharpness_checkpoints(n):
+  from sam_optax._src.sharpness import perturbation  # pylint: disable=g-import-not-at-top
+  return perturbation.apgd_checkpoints(n)
+
+
+# --- average-case sharpness -----------------------------------------------
+
+
+@pytest.mark.parametrize('adaptive', [False, True])
+def test_average_case_within_its_variance(adaptive):
+  sigma, num, eta = 0.3, 400, 0.05
+  t = np.abs(W) + eta if adaptive else np.ones(DIM)
+  out = sharpness.average_case_sharpness(
+      quadratic, W32, sigma=sigma, num_samples=num, adaptive=adaptive,
+      eta=eta, key=jax.random.key(3), loss_kwargs=QUAD)
+  # sigma (Tg).z + sigma^2 z^T (TAT) z / 2 with z ~ N(0, I):
+  ata = t[:, None] * A * t[None]
+  mean = 0.5 * sigma ** 2 * np.trace(ata)
+  var = sigma ** 2 * np.sum((t * G) ** 2) + 0.5 * sigma ** 4 * np.sum(ata ** 2)
+  std = np.sqrt(var / num)
+  assert abs(float(out.sharpness) - mean) < 5 * std
+  assert 0.7 * std < float(out.standard_error) < 1.3 * std
+
+
+# --- m-sharpness ------------------------------------------------------------
+
+
+def per_example_loss(w, x):
+  return 0.5 * jnp.mean((x @ w) ** 2)
+
+
+X = jnp.asarray(RNG.normal(size=(12, 3)), jnp.float32)
+WX = jnp.asarray([0.5, -1.0, 2.0], jnp.float32)
+
+
+def closed_form_sam(x, w, rho):
+  """SAM sharpness of mean_i (x_i.w)^2/2 over the rows of x (numpy)."""
+  x = np.asarray(x, np.float64)
+  a = x.T @ x / len(x)
+  g = a @ np.asarray(w, np.float64)
+  eps = rho * g / np.linalg.norm(g)
+  return g @ eps + 0.5 * eps @ a @ eps
+
+
+def test_m_sharpness_is_the_mean_over_chunks():
+  rho = 0.2
+  for m in (1, 3, 12):
+    s = sharpness.m_sharpness(per_example_loss, WX, m, rho=rho,
+                              loss_kwargs={'x': X})
+    expected = np.mean([closed_form_sam(X[i:i + m], WX, rho)
+                        for i in range(0, 12, m)])
+    np.testing.assert_allclose(float(s), expected, rtol=1e-4)
+
+
+def test_m_sharpness_over_batches_and_with_worst_case():
+  rho = 0.2
+  s = sharpness.m_sharpness(per_example_loss, WX, 3, rho=rho,
+                            batches=[{'x': X[:6]}, {'x': X[6:]}])
+  expected = np.mean([closed_form_sam(X[i:i + 3], WX, rho)
+                      for i in range(0, 12, 3)])
+  np.testing.assert_allclose(float(s), expected, rtol=1e-4)
+  worst = sharpness.m_sharpness(
+      per_example_loss, WX, 4, measure=sharpness.worst_case_sharpness,
+      rho=rho, num_steps=40, loss_kwargs={'x': X})
+  reference = []
+  for i in range(0, 12, 4):
+    x = np.asarray(X[i:i + 4], np.float64)
+    a = x.T @ x / 4
+    reference.append(trust_region_max(a, a @ np.asarray(WX), rho)[0])
+  np.testing.assert_allclose(float(worst), np.mean(reference), rtol=2e-3)
+
+
+def test_m_sharpness_errors():
+  with pytest.raises(ValueError, match='does not split into chunks'):
+    sharpness.m_sharpness(per_example_loss, WX, 5, loss_kwargs={'x': X})
+  with pytest.raises(ValueError, match='needs the batch'):
+    sharpness.m_sharpness(per_example_loss, WX, 2)
+  with pytest.raises(ValueError, match='batches is empty'):
+    sharpness.m_sharpness(per_example_loss, WX, 2, batches=[])
+
+
+# --- batches, dtypes, bad input ---------------------------------------------
+
+
+def test_batches_measure_the_mean_loss():
+  # Two quadratic batches: the dataset loss has A = mean A_b, c = mean c_b.
+  a2 = np.eye(DIM) * 2.0
+  c2 = -C
+  batches = [QUAD, {'a': jnp.asarray(a2, jnp.float32),
+                    'c': jnp.asarray(c2, jnp.float32)}]
+  a_mean, c_mean = (A + a2) / 2, (C + c2) / 2
+  g = a_mean @ W + c_mean
+  rho = 0.3
+  s = sharpness.sam_sharpness(quadratic, W32, rho=rho, batches=batches)
+  eps = rho * g / np.linalg.norm(g)
+  np.testing.assert_allclose(float(s), gain(eps, a_mean, g), rtol=1e-4)
+  f = sharpness.first_order_sharpness(quadratic, W32, rho=rho,
+                                      batches=iter(batches))
+  np.testing.assert_allclose(float(f), rho * np.linalg.norm(g), rtol=1e-5)
+
+
+def test_bfloat16_params_give_float32_results():
+  loss_fn = lambda w, x: jnp.mean((x @ w.astype(jnp.float32)) ** 2)
+  w = jnp.asarray([0.5, -1.0, 2.0], jnp.bfloat16)
+  s = sharpness.sam_sharpness(loss_fn, w, rho=0.1, loss_kwargs={'x': X})
+  assert s.dtype == jnp.float32 and np.isfinite(float(s))
+  out = sharpness.average_case_sharpness(loss_fn, w, sigma=0.1,
+                                         num_samples=2, loss_kwargs={'x': X})
+  assert out.sharpness.dtype == jnp.float32
+
+
+@pytest.mark.parametrize('bad', [0.0, -0.1, float('nan'), float('inf')])
+def test_radius_must_be_positive(bad):
+  with pytest.raises(ValueError, match='rho must be a finite number > 0'):
+    sharpness.sam_sharpness(quadratic, W32, rho=bad, loss_kwargs=QUAD)
+  with pytest.raises(ValueError, match='rho must be a finite number > 0'):
+    sharpness.worst_case_sharpness(quadratic, W32, rho=bad,
+                                   loss_kwargs=QUAD)
+  with pytest.raises(ValueError, match='sigma must be a finite number > 0'):
+    sharpness.average_case_sharpness(quadratic, W32, sigma=bad,
+                                     loss_kwargs=QUAD)
+
+
+def test_bad_input_errors():
+  with pytest.raises(ValueError, match="norm must be 'l2' or 'linf'"):
+    sharpness.worst_case_sharpness(quadratic, W32, norm='l1',
+                                   loss_kwargs=QUAD)
+  with pytest.raises(ValueError, match='batches is empty'):
+    sharpness.first_order_sharpness(quadratic, W32, batches=iter([]))
+  with pytest.raises(ValueError, match='must return a scalar'):
+    sharpness.sam_sharpness(lambda w: w * 2.0, W32)
+  with pytest.raises(TypeError, match='loss_fn must be a callable'):
+    sharpness.sam_sharpness('loss', W32)
+  with pytest.raises(TypeError, match='rho must be a positive number'):
+    sharpness.sam_sharpness(quadratic, W32, rho='0.1', loss_kwargs=QUAD)
+  with pytest.raises(ValueError, match='eta must be a finite number >= 0'):
+    sharpness.sam_sharpness(quadratic, W32, adaptive=True, eta=-1.0,
+                            loss_kwargs=QUAD)
+  with pytest.raises(ValueError, match='given both in loss_kwargs'):
+    sharpness.sam_sharpness(quadratic, W32, loss_kwargs={'a': QUAD['a']},
+                            batches=[QUAD])
