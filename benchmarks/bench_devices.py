@@ -1,0 +1,217 @@
+"""Devices and m-sharpness: per-device SAM vs data-parallel SGD; chunk modes.
+
+Part 1, on 8 fake CPU devices (`jax.shard_map`, a small CNN, the batch split
+over the devices): the time of one training step of data-parallel SGD, of SAM
+with a per-device perturbation (``axis_name=``) and of SAM with a synced
+perturbation (``sync_perturbation=True``), with the number of all-reduce ops
+in each compiled step. The fake devices share this machine's cores, so times
+measure total work, not a speed-up.
+
+Part 2, on one device: a SAM step whose batch is split into chunks of m
+examples (in-device m-sharpness), ``'sequential'`` (`jax.lax.scan`) against
+``'vectorized'`` (`jax.vmap`), next to plain SAM and to SAM with gradient
+accumulation (``shared_perturbation=True`` with the clean gradient from
+`sam_optax.chunked_value_and_grad`): time per step and the compiled
+executable's memory (XLA memory analysis: temporaries, and the total with
+arguments and outputs).
+
+Times are medians over interleaved rounds, ratios are medians of per-round
+ratios measured side by side.
+
+Run: ``python benchmarks/bench_devices.py`` (``--quick`` for a smoke run).
+"""
+
+from __future__ import annotations
+
+import os
+
+if '--xla_force_host_platform_device_count' not in os.environ.get(
+    'XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             ' --xla_force_host_platform_device_count=8')
+
+import argparse  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+
+import jax  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import sam_optax  # noqa: E402
+
+from _common import cnn_init  # noqa: E402
+from _common import cnn_loss  # noqa: E402
+from _common import machine  # noqa: E402
+from _common import median_ms  # noqa: E402
+from _common import paired_ratio  # noqa: E402
+from _common import random_batch  # noqa: E402
+from _common import time_interleaved  # noqa: E402
+from _common import write_section  # noqa: E402
+
+RHO = 0.05
+ALL_REDUCE = re.compile(r'\ball-reduce(?:-start)?\(')
+
+
+def all_reduces(compiled) -> int:
+  return len(ALL_REDUCE.findall(compiled.as_text()))
+
+
+def memory(compiled) -> tuple[float, float]:
+  """(temporaries, arguments + outputs + temporaries) in MiB."""
+  stats = compiled.memory_analysis()
+  temp = stats.temp_size_in_bytes
+  total = (stats.argument_size_in_bytes + stats.output_size_in_bytes + temp
+           - stats.alias_size_in_bytes)
+  return temp / 2 ** 20, total / 2 ** 20
+
+
+def train_step(tx, local):
+  def step(params, state, batch):
+    grads = jax.grad(cnn_loss)(local(params), batch)
+    updates, state = tx.update(grads, state, params, batch=batch)
+    return optax.apply_updates(params, updates), state
+  return step
+
+
+def part_devices(args):
+  devices = jax.device_count()
+  mesh = jax.make_mesh((devices,), ('d',))
+  local = lambda p: jax.lax.pcast(p, 'd', to='varying')
+  sgd = optax.sgd(0.1, momentum=0.9)
+  setups = {
+      'data-parallel SGD': sgd,
+      'SAM, per-device perturbation': optax.chain(
+          sam_optax.sam(cnn_loss, RHO, axis_name='d'), sgd),
+      'SAM, synced perturbation': optax.chain(
+          sam_optax.sam(cnn_loss, RHO, axis_name='d', sync_perturbation=True),
+          sgd),
+  }
+  params = cnn_init(jax.random.key(0), channels=args.channels)
+  batch = random_batch(jax.random.key(1), args.per_device * devices)
+  batch = jax.device_put(batch, NamedSharding(mesh, P('d')))
+  replicated = NamedSharding(mesh, P())
+  fns, counts = {}, {}
+  for name, tx in setups.items():
+    if name == 'data-parallel SGD':
+      def step(params, state, batch, tx=tx):
+        grads = jax.lax.pmean(jax.grad(cnn_loss)(local(params), batch), 'd')
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+    else:
+      step = train_step(tx, local)
+    fn = jax.jit(jax.shard_map(step, mesh=mesh,
+                               in_specs=(P(), P(), P('d')),
+                               out_specs=(P(), P())))
+    p, s = jax.device_put((params, tx.init(params)), replicated)
+    compiled = fn.lower(p, s, batch).compile()
+    counts[name] = all_reduces(compiled)
+    fns[name] = lambda compiled=compiled, p=p, s=s: compiled(p, s, batch)
+  times = time_interleaved(fns, args.repeats, args.calls)
+  base = 'data-parallel SGD'
+  lines = [
+      f'Per-device SAM on {devices} fake CPU devices (`jax.shard_map`),'
+      f' CNN with {args.channels} channels, {args.per_device} examples per'
+      f' device ({args.per_device * devices} per step); median of'
+      f' {args.repeats} interleaved rounds of {args.calls} steps.',
+      '',
+      '| step | all-reduce ops | ms / step | x SGD step |',
+      '|---|---|---|---|',
+  ]
+  for name in fns:
+    lines.append(f'| {name} | {counts[name]} | {median_ms(times, name):.2f} |'
+                 f' {paired_ratio(times, name, base):.2f} |')
+  return '\n'.join(lines), counts
+
+
+def part_chunks(args):
+  params = cnn_init(jax.random.key(0), channels=args.channels)
+  batch = random_batch(jax.random.key(1), args.batch)
+  m = args.chunk
+  setups = {
+      f'SAM, no chunks (m={args.batch})': (
+          sam_optax.sam(cnn_loss, RHO), None),
+      f'SAM chunks m={m}, sequential': (
+          sam_optax.sam(cnn_loss, RHO, chunk_size=m,
+                        chunk_mode='sequential'), None),
+      f'SAM chunks m={m}, vectorized': (
+          sam_optax.sam(cnn_loss, RHO, chunk_size=m,
+                        chunk_mode='vectorized'), None),
+      f'SAM, gradient accumulation over chunks of {m} (sequential)': (
+          sam_optax.sam(cnn_loss, RHO, chunk_size=m,
+                        shared_perturbation=True),
+          sam_optax.chunked_value_and_grad(cnn_loss, m)),
+  }
+  fns, mems = {}, {}
+  for name, (tx, clean) in setups.items():
+    def step(params, state, batch, tx=tx, clean=clean):
+      if clean is None:
+        grads = jax.grad(cnn_loss)(params, batch)
+      else:
+        _, grads = clean(params, batch=batch)
+      updates, state = tx.update(grads, state, params, batch=batch)
+      return optax.apply_updates(params, updates), state
+    state = tx.init(params)
+    compiled = jax.jit(step).lower(params, state, batch).compile()
+    mems[name] = memory(compiled)
+    fns[name] = lambda compiled=compiled, s=state: compiled(params, s, batch)
+  times = time_interleaved(fns, args.repeats, args.calls)
+  base = next(iter(fns))
+  lines = [
+      f'Chunked SAM on one CPU device, CNN with {args.channels} channels,'
+      f' batch {args.batch}, chunks of m={m} ({args.batch // m} chunks).'
+      ' Memory from the compiled executable (XLA memory analysis).',
+      '',
+      '| step | ms / step | x plain SAM | temporaries (MiB) |'
+      ' total (MiB) |',
+      '|---|---|---|---|---|',
+  ]
+  for name in fns:
+    temp, total = mems[name]
+    lines.append(f'| {name} | {median_ms(times, name):.2f} |'
+                 f' {paired_ratio(times, name, base):.2f} | {temp:.2f} |'
+                 f' {total:.2f} |')
+  return '\n'.join(lines), mems
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--channels', type=int, default=32)
+  parser.add_argument('--per-device', type=int, default=32)
+  parser.add_argument('--batch', type=int, default=512)
+  parser.add_argument('--chunk', type=int, default=16)
+  parser.add_argument('--repeats', type=int, default=15)
+  parser.add_argument('--calls', type=int, default=5)
+  parser.add_argument('--quick', action='store_true',
+                      help='tiny sizes and 2 rounds, for a smoke test')
+  parser.add_argument('--no-write', action='store_true',
+                      help='print only; leave benchmarks/results alone')
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.channels, args.per_device, args.batch, args.chunk = 4, 4, 32, 8
+    args.repeats, args.calls = 2, 1
+  devices_md, counts = part_devices(args)
+  print(devices_md, flush=True)
+  chunks_md, mems = part_chunks(args)
+  print(chunks_md, flush=True)
+  command = 'python benchmarks/bench_devices.py' + (
+      ' --quick' if args.quick else '')
+  section = '\n'.join([
+      '## Devices and m-sharpness',
+      '',
+      f'Machine: {machine()}. Command: `{command}`.',
+      '',
+      devices_md,
+      '',
+      chunks_md,
+  ])
+  if not args.no_write:
+    print('wrote', write_section('devices', section))
+  return {'all_reduces': counts, 'memory': mems}
+
+
+if __name__ == '__main__':
+  main()
