@@ -16,6 +16,7 @@ from sam_optax._src.sam import SAMState
 from sam_optax._src.sam import sam
 from sam_optax._src.xsam import XSAMState
 from sam_optax._src.xsam import xsam
+from sam_optax import sharpness
 
 __version__ = '0.1.0'
 
@@ -29,5 +30,6 @@ __all__ = (
     'mesh_chunks',
     'sam',
     'shard_batch',
+    'sharpness',
     'xsam',
 )
