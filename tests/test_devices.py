@@ -260,7 +260,8 @@ def test_chunks_equal_per_chunk_reference(mode):
   np.testing.assert_allclose(state.grad_norm, norm, rtol=1e-5)
 
 
-def test_chunks_inside_shard_map_and_on_a_mesh_agree():
+@pytest.mark.parametrize('axis_type', ['Explicit', 'Auto'])
+def test_chunks_inside_shard_map_and_on_a_mesh_agree(axis_type):
   # Per device: 8 examples in chunks of 4 -> 16 perturbations in all.
   tx = sam_optax.sam(loss_fn, RHO, axis_name='d', chunk_size=4,
                      chunk_mode='vectorized')
@@ -268,19 +269,26 @@ def test_chunks_inside_shard_map_and_on_a_mesh_agree():
   via_shard_map, _ = run_shard_map(tx)
   assert_close(via_shard_map, expected)
   # Plain jit, batch sharded over the mesh, chunks laid over its data axis.
+  mesh = jax.make_mesh((DEVICES,), ('d',), axis_types=(
+      getattr(jax.sharding.AxisType, axis_type),))
   tx = sam_optax.sam(loss_fn, RHO, chunk_size=4,
-                     chunk_mode=sam_optax.mesh_chunks(MESH, 'd'))
-  batch = sam_optax.shard_batch({'x': X, 'y': Y}, MESH, 'd')
-  params = jax.device_put(PARAMS, REPLICATED)
+                     chunk_mode=sam_optax.mesh_chunks(mesh, 'd'))
+  batch = sam_optax.shard_batch({'x': X, 'y': Y}, mesh, 'd')
+  params = jax.device_put(PARAMS, NamedSharding(mesh, P()))
 
   @jax.jit
   def step(params, state, batch):
     grads = jax.grad(loss_fn)(params, **batch)
     return tx.update(grads, state, params, **batch)
 
-  via_mesh, _ = step(params, tx.init(params), batch)
+  compiled = step.lower(params, tx.init(params), batch).compile()
+  via_mesh, _ = compiled(params, tx.init(params), batch)
   assert_close(via_mesh, expected)
   assert_close(via_mesh, via_shard_map)
+  # The 16 chunks are laid 2 per device, not gathered onto one.
+  hlo = compiled.as_text()
+  assert 'f32[2,4,5]' in hlo and 'f32[16,4,5]' not in hlo
+  assert 'all-gather(' not in hlo
 
 
 def test_shared_perturbation_is_full_batch_sam():
