@@ -260,11 +260,12 @@ def test_chunks_equal_per_chunk_reference(mode):
   np.testing.assert_allclose(state.grad_norm, norm, rtol=1e-5)
 
 
-@pytest.mark.parametrize('axis_type', ['Explicit', 'Auto'])
-def test_chunks_inside_shard_map_and_on_a_mesh_agree(axis_type):
+@pytest.mark.parametrize('axis_type, mode', [('Explicit', 'sequential'),
+                                              ('Auto', 'vectorized')])
+def test_chunks_inside_shard_map_and_on_a_mesh_agree(axis_type, mode):
   # Per device: 8 examples in chunks of 4 -> 16 perturbations in all.
   tx = sam_optax.sam(loss_fn, RHO, axis_name='d', chunk_size=4,
-                     chunk_mode='vectorized')
+                     chunk_mode=mode)
   expected = chunk_reference(X, Y, 4)
   via_shard_map, _ = run_shard_map(tx)
   assert_close(via_shard_map, expected)

@@ -188,6 +188,20 @@ def _chunk(split_kwargs: dict[str, Any], index) -> dict[str, Any]:
   )
 
 
+def _like_varying(x: jax.Array, like: jax.ShapeDtypeStruct) -> jax.Array:
+  """x, marked device-varying over the shard_map axes that ``like`` varies on.
+
+  A `jax.lax.scan` inside `jax.shard_map` needs its initial carry typed like
+  the carry its body returns.
+  """
+  manual = getattr(like, 'manual_axis_type', None)  # jax >= 0.10
+  axes = getattr(manual, 'varying', None) if manual is not None else getattr(
+      like, 'vma', None)
+  if not axes:
+    return x
+  return jax.lax.pcast(x, tuple(axes), to='varying')
+
+
 def over_chunks(
     fn: Callable[[dict[str, Any]], tuple[PyTree, PyTree]],
     split_kwargs: dict[str, Any],
@@ -215,7 +229,8 @@ def over_chunks(
 
     shapes = jax.eval_shape(lambda: fn(_chunk(split_kwargs, 0)))
     zeros = jax.tree.map(
-        lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)),
+        lambda s: _like_varying(
+            jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)), s),
         shapes[0],
     )
 
