@@ -200,8 +200,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
   rows = []
   for m in configs:
     start = time.perf_counter()
-    if m is None:
-      tx = optax.identity()
+    if m is None:  # rho = 0 is exactly data-parallel SGD (one pmean)
+      tx = sam_optax.sam(m1d.loss_fn, 0.0, axis_name=AXIS)
     else:
       tx = make_sam(m1d.loss_fn, args.rho, m, args.batch_size, devices,
                     args.chunk_mode)
