@@ -103,11 +103,16 @@ def make_optimizer(method: str, rho: float, args) -> optax.GradientTransformatio
   base = optax.sgd(args.lr, momentum=0.9)
   if method == 'sgd':
     return base
-  rho_schedule = optax.linear_schedule(0.0, rho, max(args.rho_warmup, 1))
+  if args.rho_warmup > 0:
+    rho_schedule = optax.linear_schedule(0.0, rho, args.rho_warmup)
+  else:
+    rho_schedule = rho
   if method == 'sam':
-    front = sam_optax.sam(loss_fn, rho=rho_schedule)
+    front = sam_optax.sam(loss_fn, rho=rho_schedule,
+                          ascent_steps=args.ascent_steps)
   elif method == 'asam':
-    front = sam_optax.asam(loss_fn, rho=rho_schedule, eta=0.01)
+    front = sam_optax.asam(loss_fn, rho=rho_schedule, eta=args.eta,
+                           ascent_steps=args.ascent_steps)
   else:
     raise ValueError(f'unknown method {method!r}; use sgd, sam or asam.')
   return optax.chain(front, base)
@@ -197,7 +202,12 @@ def parse_args(argv: Optional[Sequence[str]]):
   parser.add_argument('--asam-rho', type=parse_floats, default=[0.5],
                       help='rho of asam; a comma-separated list is a sweep')
   parser.add_argument('--rho-warmup', type=int, default=100,
-                      help='steps over which rho ramps linearly up from 0')
+                      help='steps over which rho ramps linearly up from 0 '
+                      '(0: no warm-up)')
+  parser.add_argument('--ascent-steps', type=int, default=1,
+                      help='ascent steps k of sam and asam')
+  parser.add_argument('--eta', type=float, default=0.01,
+                      help='offset eta of asam')
   parser.add_argument('--epochs', type=int, default=30)
   parser.add_argument('--batch-size', type=int, default=100)
   parser.add_argument('--hidden', type=int, default=128)
