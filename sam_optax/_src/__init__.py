@@ -1,0 +1,1 @@
+"""Private implementation of sam_optax; import from `sam_optax` instead."""
