@@ -15,7 +15,6 @@ import optax
 import pytest
 
 import sam_optax
-from sam_optax._src import pipeline
 from sam_optax._src import xsam as xsam_lib
 
 EPS = 1e-12
@@ -301,31 +300,60 @@ def test_parallel_and_antiparallel_gradients_are_finite(alpha):
 # The probe agrees across devices.
 
 
-def test_probe_losses_are_averaged_over_the_device_axis():
+def test_probe_agrees_across_devices():
   n = jax.local_device_count()
-  grid = xsam_lib.alpha_grid(2.0, 0.5)
-  combine = xsam_lib._combine(grid, probe_every=1, probe_batch_size=None)
-  scales = jnp.linspace(-1.0, 3.0, n)  # a different loss on every device
+  scales = np.linspace(6.0, 30.0, n).astype(np.float32)
+  loss = lambda w, scale: 0.5 * (w[0] ** 2 + scale * w[1] ** 2)
+  w0 = jnp.array([1.0, 0.1])
+  kwargs = dict(rho=0.1, rho_max=0.15, probe_every=1, alpha_max=3.0,
+                alpha_step=0.25)
+  tx = sam_optax.xsam(loss, axis_name='devices', **kwargs)
 
-  def per_device(scale):
-    loss = lambda w: jnp.sum(w ** 2) + scale * w[1] ** 3
-    w0 = jnp.array([1.0, 0.5])
-    eps = 0.1 * jax.grad(loss)(w0) / jnp.linalg.norm(jax.grad(loss)(w0))
-    state = xsam_lib.XSAMState(
-        count=jnp.zeros([], jnp.int32), perturbed_loss=0.0, grad_norm=0.0,
-        cosine=0.0, alpha=1.0, probe_losses=jnp.zeros(len(grid)))
-    ascent = pipeline.Ascent(
-        clean_grad=jax.grad(loss)(w0), perturbed_grad=jax.grad(loss)(w0 + eps),
-        perturbed_loss=loss(w0 + eps), params=w0, displacement=eps,
-        hyperparams={'rho': 0.1, 'rho_max': 0.4, 'alpha': 1.0},
-        count=state.count, state=state, loss_at=loss, axis_name='devices')
-    _, extra = combine(ascent)
-    return extra['alpha'], extra['probe_losses']
+  def step(scale):
+    grads = jax.grad(loss)(w0, scale=scale)
+    return tx.update(grads, tx.init(w0), w0, scale=scale)
 
-  alphas, losses = jax.pmap(per_device, axis_name='devices')(scales)
-  assert len(set(np.asarray(alphas).tolist())) == 1
-  np.testing.assert_allclose(losses, np.broadcast_to(losses[0], losses.shape))
-  assert alphas[0] == grid[np.argmax(np.asarray(losses[0]))]
+  updates, state = jax.pmap(step, axis_name='devices')(scales)
+  # Each device alone would probe its own loss ...
+  alone = sam_optax.xsam(loss, **kwargs)
+  own = np.stack([
+      alone.update(jax.grad(loss)(w0, scale=s), alone.init(w0), w0,
+                   scale=s)[1].probe_losses for s in scales])
+  assert len(set(np.argmax(own, axis=1).tolist())) > 1  # ... and disagree.
+  # Together they choose from the device-averaged losses, all the same alpha.
+  grid = xsam_lib.alpha_grid(3.0, 0.25)
+  np.testing.assert_allclose(state.probe_losses,
+                             np.broadcast_to(own.mean(0), own.shape),
+                             rtol=1e-5)
+  np.testing.assert_array_equal(
+      state.alpha, np.full(n, grid[np.argmax(own.mean(0))]))
+  np.testing.assert_allclose(updates, np.broadcast_to(updates[0],
+                                                      updates.shape))
+
+
+@pytest.mark.parametrize('mode', ['vectorized'])
+def test_chunks_probe_on_their_own_examples(mode):
+  params = {'w': jnp.asarray(W_INIT), 'b': jnp.asarray(B_INIT)}
+  batch = batch_at(0)
+  kwargs = dict(rho=0.3, rho_max=0.8, probe_every=1)
+  tx = sam_optax.xsam(loss_fn, chunk_size=N // 2, chunk_mode=mode, **kwargs)
+  updates, state = tx.update(jax.grad(loss_fn)(params, batch), tx.init(params),
+                             params, batch=batch)
+  alone = sam_optax.xsam(loss_fn, **kwargs)
+  halves = []
+  for lo in (0, N // 2):
+    half = {k: v[lo:lo + N // 2] for k, v in batch.items()}
+    halves.append(alone.update(jax.grad(loss_fn)(params, half),
+                               alone.init(params), params, batch=half))
+  np.testing.assert_allclose(
+      state.alpha, np.mean([s.alpha for _, s in halves]), rtol=1e-6)
+  np.testing.assert_allclose(
+      state.probe_losses, np.mean([s.probe_losses for _, s in halves], 0),
+      rtol=1e-5)
+  jax.tree.map(
+      lambda got, a, b: np.testing.assert_allclose(got, (a + b) / 2,
+                                                   rtol=1e-5, atol=1e-7),
+      updates, halves[0][0], halves[1][0])
 
 
 # ----------------------------------------------------------------------------

@@ -222,9 +222,14 @@ def xsam(
   Degenerate planes (:math:`\sin\theta < 10^{-8}`: zero or (anti)parallel
   vectors) use the :math:`\theta \to 0` limit
   :math:`(1-\alpha) v_0 + \alpha v_1`; norms and dot products are float32;
-  zero gradients give a zero update, never NaN. When the pipeline runs per
-  device (``Ascent.axis_name``), the probe's losses are averaged over that
-  axis before choosing, so every device uses the same alpha.
+  zero gradients give a zero update, never NaN.
+
+  Devices and chunks work as in `sam`: with ``axis_name`` every device builds
+  its own v0, v1 and update, the probe's losses are averaged over the axis
+  before alpha is chosen (so every device uses the same alpha), and the
+  update is averaged over the axis. With ``chunk_size`` (m-sharpness) every
+  chunk probes on its own examples and the state keeps the chunks' mean
+  alpha and mean probe losses.
 
   The defaults were chosen from measurements on the MNIST-1D example
   (benchmarks/results/xsam_defaults.md); the paper's CIFAR values are
