@@ -13,7 +13,8 @@ What is here:
   (80/20 split), with optional symmetric label noise on the training labels.
 - `init_params(key)` / `apply(params, x)` / `loss_fn(params, batch)` -- a small
   1-D CNN in plain JAX (three stride-2 convolutions and a linear read-out,
-  about 12k parameters).
+  3.5k parameters with the default 16 channels; an epoch of 4000
+  examples takes a fraction of a second on two CPU cores after compiling).
 - `train(make_tx, data, *, epochs, batch_size, seed)` -- a jitted training
   loop, one `lax.scan` per epoch, where ``make_tx(loss_fn)`` builds the optax
   transformation (so sharpness-aware ones get the loss handle). It returns a
