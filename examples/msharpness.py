@@ -25,10 +25,15 @@ from __future__ import annotations
 
 import os
 
-if '--xla_force_host_platform_device_count' not in os.environ.get(
-    'XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                             ' --xla_force_host_platform_device_count=8')
+# 8 fake CPU devices. They share this machine's cores: on a loaded machine one
+# device can wait for CPU time longer than XLA's default 40 s collective
+# timeout (which aborts the process), so that timeout is raised too.
+for _flag in ('--xla_force_host_platform_device_count=8',
+              '--xla_cpu_collective_call_warn_stuck_timeout_seconds=120',
+              '--xla_cpu_collective_call_terminate_timeout_seconds=1200'):
+  if _flag.split('=')[0] not in os.environ.get('XLA_FLAGS', ''):
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' '
+                               + _flag).strip()
 
 import argparse  # noqa: E402
 import pathlib  # noqa: E402
