@@ -27,6 +27,8 @@ TINY_FLAGS = {
                      '--plot', 'plain_jax.png'],
     'flax_nnx.py': ['--quick', '--no-progress'],
     'flax_linen_batchnorm.py': ['--quick', '--no-progress'],
+    'demo.py': ['--quick', '--no-progress'],
+    'msharpness.py': ['--quick', '--no-progress'],
 }
 
 # The examples this suite must always find (others are run when present).
