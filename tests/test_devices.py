@@ -236,6 +236,27 @@ def test_all_reduce_count_matches_data_parallel_sgd():
   # The synced perturbation costs exactly one more gradient average.
   assert counts['sync'] == counts['sam'] + 1, counts
 
+  # The same under pmap.
+  tx_pmap = optax.chain(sam_optax.sam(loss_fn, RHO, axis_name='i'), sgd)
+
+  def pmap_sgd(params, state, x, y):
+    grads = jax.lax.pmean(jax.grad(loss_fn)(params, x, y), 'i')
+    updates, state = sgd.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  def pmap_sam(params, state, x, y):  # under pmap the gradient is local
+    grads = jax.grad(loss_fn)(params, x, y)
+    updates, state = tx_pmap.update(grads, state, params, x=x, y=y)
+    return optax.apply_updates(params, updates), state
+
+  xs, ys = X.reshape(DEVICES, -1, 5), Y.reshape(DEVICES, -1, 2)
+  pmap_counts = [
+      count_all_reduces(jax.pmap(step, axis_name='i',
+                                 in_axes=(None, None, 0, 0)),
+                        PARAMS, tx.init(PARAMS), xs, ys)
+      for step, tx in [(pmap_sgd, sgd), (pmap_sam, tx_pmap)]]
+  assert 1 <= pmap_counts[1] <= pmap_counts[0], pmap_counts
+
 
 # ----------------------------------------------------------------- chunks --
 
