@@ -242,11 +242,15 @@ def lanczos(
     beta = jnp.linalg.norm(w)
     scale = jnp.maximum(scale, jnp.abs(alpha) + beta)
     invariant = beta <= 1e-5 * scale
-    fresh = orthogonalize(
-        jax.random.normal(jax.random.fold_in(key, i), (n,), jnp.float32),
-        basis)
-    fresh = orthogonalize(_unit(fresh), basis)
-    nxt = jnp.where(invariant, _unit(fresh), w * tree_math.safe_inverse(beta))
+
+    def restart():
+      fresh = orthogonalize(
+          jax.random.normal(jax.random.fold_in(key, i), (n,), jnp.float32),
+          basis)
+      return _unit(orthogonalize(_unit(fresh), basis))
+
+    nxt = jax.lax.cond(invariant, restart,
+                       lambda: w * tree_math.safe_inverse(beta))
     last = i + 1 >= num_steps
     index = jnp.minimum(i + 1, num_steps - 1)
     basis = jnp.where(last, basis, basis.at[index].set(nxt))
