@@ -123,7 +123,9 @@ def asam(
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     axis_name: inside `jax.pmap` / `jax.shard_map`, the device axis: each
       device perturbs with its own gradient and the result is averaged over
-      the axis (one all-reduce per step, like data-parallel SGD).
+      the axis (one all-reduce per step, like data-parallel SGD). Inside
+      `jax.shard_map`, take the incoming gradient at
+      ``jax.lax.pcast(params, axis_name, to='varying')`` (the device's own).
     sync_perturbation: with ``axis_name``, perturb with the axis-averaged
       gradient instead (SAM on the global batch, one more all-reduce).
     axis_index_groups: with ``sync_perturbation`` (pmap only), average inside

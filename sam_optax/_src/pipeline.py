@@ -17,7 +17,8 @@ data-parallel / m-sharpness layout (`Parallel`, see sam_optax/_src/devices.py).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Hashable, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import (Any, Callable, Hashable, Mapping, NamedTuple, Optional,
+                    Sequence, Union)
 
 import jax
 import jax.numpy as jnp
@@ -209,9 +210,14 @@ def sharpness_aware(
   compiles to one all-reduce, like data-parallel SGD; they become the mean
   over devices of the per-device values (perturbed loss, ``||g0||``, and the
   cosine between each device's g0 and its own combined gradient), which
-  keeps the state replicated. ``sync_perturbation=True`` averages g0 (and,
-  for k > 1, each intermediate ascent gradient) over the axis first: SAM on
-  the global batch, one more all-reduce per ascent step. With
+  keeps the state replicated. Inside `jax.shard_map` (with its default
+  ``check_vma=True``) a gradient taken at replicated weights is already summed
+  over the devices, so take the incoming one at
+  ``jax.lax.pcast(params, axis_name, to='varying')`` (a clear error says so
+  otherwise); the pipeline does the same for its own passes.
+  ``sync_perturbation=True`` averages g0 (and, for k > 1, each intermediate
+  ascent gradient) over the axis first: SAM on the global batch, one more
+  all-reduce per ascent step. With
   ``axis_index_groups`` (pmap only) that average is taken inside groups of
   devices (m = group size x per-device batch); the returned gradient is
   still averaged over the whole axis. Variant state from a combine step must
@@ -295,7 +301,10 @@ def sharpness_aware(
       tuple(axes) if isinstance(axes, (tuple, list)) else (axes,))
 
   def varying_axes(x) -> frozenset:
-    aval = jax.typeof(x)
+    try:
+      aval = jax.typeof(x)
+    except TypeError:  # a non-array keyword argument (e.g. a string)
+      return frozenset()
     manual = getattr(aval, 'manual_axis_type', None)  # jax >= 0.10
     if manual is not None:
       return frozenset(getattr(manual, 'varying', ()))
