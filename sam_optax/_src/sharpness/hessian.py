@@ -253,12 +253,14 @@ def lanczos(
                        lambda: w * tree_math.safe_inverse(beta))
     last = i + 1 >= num_steps
     index = jnp.minimum(i + 1, num_steps - 1)
-    basis = jnp.where(last, basis, basis.at[index].set(nxt))
+    # Row updates only (a select over the whole basis would copy it).
+    basis = basis.at[index].set(jnp.where(last, basis[index], nxt))
     alphas = alphas.at[i].set(alpha)
     if num_steps > 1:
       beta_index = jnp.minimum(i, num_steps - 2)
-      betas = jnp.where(
-          last, betas, betas.at[beta_index].set(jnp.where(invariant, 0.0, beta)))
+      beta_value = jnp.where(invariant, 0.0, beta)
+      betas = betas.at[beta_index].set(
+          jnp.where(last, betas[beta_index], beta_value))
     return basis, alphas, betas, scale
 
   basis, alphas, betas, _ = jax.lax.fori_loop(
