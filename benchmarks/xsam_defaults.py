@@ -42,11 +42,11 @@ def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--quick', action='store_true',
                       help='a few-second smoke run; writes nothing')
-  parser.add_argument('--epochs', type=int, default=20)
-  parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1])
+  parser.add_argument('--epochs', type=int, default=40)
+  parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
   parser.add_argument('--noise', type=float, nargs='+', default=[0.0, 0.2])
   parser.add_argument('--rhos', type=float, nargs='+', default=[0.05, 0.15])
-  parser.add_argument('--ratios', type=float, nargs='+', default=[1.0, 2.0,
+  parser.add_argument('--ratios', type=float, nargs='+', default=[0.5, 1.0, 2.0,
                                                                    4.0],
                       help='rho_max / rho values (alpha_max = 2)')
   parser.add_argument('--alpha-maxes', type=float, nargs='+',

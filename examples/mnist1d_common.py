@@ -13,7 +13,7 @@ What is here:
   (80/20 split), with optional symmetric label noise on the training labels.
 - `init_params(key)` / `apply(params, x)` / `loss_fn(params, batch)` -- a small
   1-D CNN in plain JAX (three stride-2 convolutions and a linear read-out,
-  3.5k parameters with the default 16 channels; an epoch of 4000
+  12k parameters with the default 32 channels; an epoch of 4000
   examples takes a fraction of a second on two CPU cores after compiling).
 - `train(make_tx, data, *, epochs, batch_size, seed)` -- a jitted training
   loop, one `lax.scan` per epoch, where ``make_tx(loss_fn)`` builds the optax
@@ -139,7 +139,7 @@ def load_data(
 # Model: a small 1-D CNN in plain JAX.
 
 
-def init_params(key: jax.Array, channels: int = 16) -> PyTree:
+def init_params(key: jax.Array, channels: int = 32) -> PyTree:
   """Three stride-2 conv layers (kernel 5) and a linear read-out."""
   keys = jax.random.split(key, 4)
 
@@ -161,16 +161,27 @@ def init_params(key: jax.Array, channels: int = 16) -> PyTree:
   }
 
 
+def _conv_stride2(h: jax.Array, w: jax.Array) -> jax.Array:
+  """'SAME' 1-D convolution, kernel 5, stride 2, as one matrix product.
+
+  h: (batch, length, cin), w: (5, cin, cout) -> (batch, length // 2, cout).
+  The patches are gathered with strided slices (im2col), which XLA turns into
+  a single dot: on CPU several times faster than `lax.conv_general_dilated`
+  at these sizes.
+  """
+  length = h.shape[1]
+  padded = jnp.pad(h, ((0, 0), (1, 2), (0, 0)))  # 'SAME' for kernel 5, stride 2
+  patches = jnp.concatenate(
+      [padded[:, i:i + length:2] for i in range(w.shape[0])], axis=-1)
+  return patches @ w.reshape(-1, w.shape[-1])
+
+
 def apply(params: PyTree, x: jax.Array) -> jax.Array:
   """Logits (batch, 10) for signals x of shape (batch, 40)."""
   h = x[:, :, None]  # (batch, length, channels)
   for name in ('conv1', 'conv2', 'conv3'):
     layer = params[name]
-    h = jax.lax.conv_general_dilated(
-        h, layer['w'], window_strides=(2,), padding='SAME',
-        dimension_numbers=('NWC', 'WIO', 'NWC'),
-    )
-    h = jax.nn.relu(h + layer['b'])
+    h = jax.nn.relu(_conv_stride2(h, layer['w']) + layer['b'])
   h = h.reshape(h.shape[0], -1)
   return h @ params['dense']['w'] + params['dense']['b']
 
@@ -257,7 +268,7 @@ def train(
     batch_size: int = 100,
     seed: int = 0,
     progress: bool = True,
-    channels: int = 16,
+    channels: int = 32,
     state_metrics: Optional[Callable[[Any], dict]] = None,
 ) -> TrainResult:
   """Trains the CNN on ``data`` (from `load_data`) and records each epoch.
