@@ -170,7 +170,15 @@ def main(argv=None):
       '',
       'Expected: an HVP costs 2-4 gradients; a power step is one HVP plus two'
       ' reductions; a Lanczos step adds the full reorthogonalization'
-      ' (O(m n) per step).',
+      ' (O(m n) per step); a Hutchinson probe adds drawing a Rademacher'
+      ' vector.',
+      '',
+      'The iterative helpers run their HVPs in a `lax` loop body. On XLA:CPU'
+      ' the convolutions of a gradient lose their fast path inside a loop'
+      ' body (https://github.com/jax-ml/jax/issues/12868): compare the CNN'
+      ' rows `grad` and `grad (inside a loop)`. The last column divides by'
+      ' the gradient inside a loop, the like-for-like unit; the MLP (no'
+      ' convolutions) is unaffected.',
   ]
   if args.quick:
     lines.insert(2, '_Quick smoke run (`--quick`): too few repeats to quote._')

@@ -250,6 +250,15 @@ def test_m_sharpness_over_batches_and_with_worst_case():
   np.testing.assert_allclose(float(worst), np.mean(reference), rtol=2e-3)
 
 
+def test_m_sharpness_under_jit_is_deterministic_for_a_key():
+  fn = jax.jit(lambda w, x, key: sharpness.m_sharpness(
+      per_example_loss, w, 4, measure=sharpness.average_case_sharpness,
+      sigma=0.1, num_samples=4, key=key, loss_kwargs={'x': x}))
+  a = fn(WX, X, jax.random.key(1))
+  b = fn(WX, X, jax.random.key(1))
+  assert float(a) == float(b) and np.isfinite(float(a))
+
+
 def test_m_sharpness_errors():
   with pytest.raises(ValueError, match='does not split into chunks'):
     sharpness.m_sharpness(per_example_loss, WX, 5, loss_kwargs={'x': X})
