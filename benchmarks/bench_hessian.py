@@ -136,13 +136,17 @@ def main(argv=None):
                       help='power / Lanczos steps and probes per call')
   parser.add_argument('--batch-size', type=int, default=128)
   args = parser.parse_args(argv)
-  repeats, calls, steps = ((3, 2, 4) if args.quick
+  repeats, calls, steps = ((2, 1, 2) if args.quick
                            else (args.repeats, args.calls, args.steps))
-  batch = random_batch(jax.random.key(1), args.batch_size)
-  models = {
-      'CNN': (cnn_loss, cnn_init(jax.random.key(0))),
-      'MLP': (mlp_loss, mlp_init(jax.random.key(0))),
-  }
+  batch_size = 16 if args.quick else args.batch_size
+  batch = random_batch(jax.random.key(1), batch_size)
+  if args.quick:  # A smoke run: one tiny model, every code path.
+    models = {'MLP': (mlp_loss, mlp_init(jax.random.key(0), (40, 16, 10)))}
+  else:
+    models = {
+        'CNN': (cnn_loss, cnn_init(jax.random.key(0))),
+        'MLP': (mlp_loss, mlp_init(jax.random.key(0))),
+    }
   rows = []
   sizes = {}
   for name, (loss_fn, params) in models.items():
@@ -153,9 +157,10 @@ def main(argv=None):
       '## Hessian-vector products (bench_hessian.py)',
       '',
       f'Machine: {machine()}.',
-      f'Models: the 1-D CNN of bench_step ({sizes["CNN"]:,} parameters) and a'
-      f' 40-256-256-10 ReLU MLP ({sizes["MLP"]:,} parameters), batch'
-      f' {args.batch_size}. Median of {repeats} interleaved rounds of'
+      'Models: ' + ', '.join(f'{k} ({v:,} parameters)'
+                             for k, v in sizes.items())
+      + ' (CNN: the 1-D CNN of bench_step; MLP: 40-256-256-10 ReLU), batch'
+      f' {batch_size}. Median of {repeats} interleaved rounds of'
       f' {calls} calls; power, Lanczos and Hutchinson are timed over'
       f' {steps} steps per call and divided by {steps}. The ratio is the'
       ' median over rounds of (time / gradient time in the same round).',
