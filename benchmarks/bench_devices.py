@@ -40,6 +40,7 @@ import re  # noqa: E402
 import sys  # noqa: E402
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
@@ -135,29 +136,54 @@ def part_devices(args):
   return '\n'.join(lines), counts
 
 
-def part_chunks(args):
-  params = cnn_init(jax.random.key(0), channels=args.channels)
+def mlp_init(key, width=256, length=40, classes=10):
+  k1, k2, k3 = jax.random.split(key, 3)
+  return {
+      'w1': jax.random.normal(k1, (length, width)) / length ** 0.5,
+      'w2': jax.random.normal(k2, (width, width)) / width ** 0.5,
+      'w3': jax.random.normal(k3, (width, classes)) / width ** 0.5,
+  }
+
+
+def mlp_loss(params, batch):
+  h = jnp.tanh(batch['x'] @ params['w1'])
+  h = jnp.tanh(h @ params['w2'])
+  logits = h @ params['w3']
+  labels = jax.nn.one_hot(batch['y'], logits.shape[-1])
+  return -jnp.mean(jnp.sum(labels * jax.nn.log_softmax(logits), -1))
+
+
+def part_chunks(args, model):
+  if model == 'cnn':
+    loss_fn = cnn_loss
+    params = cnn_init(jax.random.key(0), channels=args.channels)
+    description = f'CNN with {args.channels} channels'
+  else:
+    loss_fn = mlp_loss
+    params = mlp_init(jax.random.key(0), width=args.width)
+    description = f'MLP 40-{args.width}-{args.width}-10'
   batch = random_batch(jax.random.key(1), args.batch)
   m = args.chunk
   setups = {
       f'SAM, no chunks (m={args.batch})': (
-          sam_optax.sam(cnn_loss, RHO), None),
+          sam_optax.sam(loss_fn, RHO), None),
       f'SAM chunks m={m}, sequential': (
-          sam_optax.sam(cnn_loss, RHO, chunk_size=m,
+          sam_optax.sam(loss_fn, RHO, chunk_size=m,
                         chunk_mode='sequential'), None),
       f'SAM chunks m={m}, vectorized': (
-          sam_optax.sam(cnn_loss, RHO, chunk_size=m,
+          sam_optax.sam(loss_fn, RHO, chunk_size=m,
                         chunk_mode='vectorized'), None),
-      f'SAM, gradient accumulation over chunks of {m} (sequential)': (
-          sam_optax.sam(cnn_loss, RHO, chunk_size=m,
+      f'SAM + gradient accumulation, chunks of {m}, sequential': (
+          sam_optax.sam(loss_fn, RHO, chunk_size=m,
                         shared_perturbation=True),
-          sam_optax.chunked_value_and_grad(cnn_loss, m)),
+          sam_optax.chunked_value_and_grad(loss_fn, m)),
   }
-  fns, mems = {}, {}
+  fns, mems, update_mems = {}, {}, {}
+  grads = jax.grad(loss_fn)(params, batch)
   for name, (tx, clean) in setups.items():
     def step(params, state, batch, tx=tx, clean=clean):
       if clean is None:
-        grads = jax.grad(cnn_loss)(params, batch)
+        grads = jax.grad(loss_fn)(params, batch)
       else:
         _, grads = clean(params, batch=batch)
       updates, state = tx.update(grads, state, params, batch=batch)
@@ -165,23 +191,30 @@ def part_chunks(args):
     state = tx.init(params)
     compiled = jax.jit(step).lower(params, state, batch).compile()
     mems[name] = memory(compiled)
+    update_mems[name] = memory(jax.jit(
+        lambda g, s, p, b, tx=tx: tx.update(g, s, p, batch=b)).lower(
+            grads, state, params, batch).compile())[0]
     fns[name] = lambda compiled=compiled, s=state: compiled(params, s, batch)
   times = time_interleaved(fns, args.repeats, args.calls)
   base = next(iter(fns))
   lines = [
-      f'Chunked SAM on one CPU device, CNN with {args.channels} channels,'
-      f' batch {args.batch}, chunks of m={m} ({args.batch // m} chunks).'
-      ' Memory from the compiled executable (XLA memory analysis).',
+      f'Chunked SAM on one CPU device, {description}, batch {args.batch},'
+      f' chunks of m={m} ({args.batch // m} chunks); median of'
+      f' {args.repeats} interleaved rounds of {args.calls} steps. Memory from'
+      ' the compiled executables (XLA memory analysis): temporaries of the'
+      ' whole step (the caller\'s clean gradient included: full-batch except'
+      ' with gradient accumulation), of `tx.update` alone, and the step\'s'
+      ' total with arguments and outputs.',
       '',
-      '| step | ms / step | x plain SAM | temporaries (MiB) |'
-      ' total (MiB) |',
-      '|---|---|---|---|---|',
+      '| step | ms / step | x plain SAM | step temporaries (MiB) |'
+      ' update temporaries (MiB) | step total (MiB) |',
+      '|---|---|---|---|---|---|',
   ]
   for name in fns:
     temp, total = mems[name]
     lines.append(f'| {name} | {median_ms(times, name):.2f} |'
                  f' {paired_ratio(times, name, base):.2f} | {temp:.2f} |'
-                 f' {total:.2f} |')
+                 f' {update_mems[name]:.2f} | {total:.2f} |')
   return '\n'.join(lines), mems
 
 
@@ -191,6 +224,7 @@ def main(argv=None):
   parser.add_argument('--per-device', type=int, default=32)
   parser.add_argument('--batch', type=int, default=512)
   parser.add_argument('--chunk', type=int, default=16)
+  parser.add_argument('--width', type=int, default=256)
   parser.add_argument('--repeats', type=int, default=15)
   parser.add_argument('--calls', type=int, default=5)
   parser.add_argument('--quick', action='store_true',
@@ -200,11 +234,15 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if args.quick:
     args.channels, args.per_device, args.batch, args.chunk = 4, 4, 32, 8
+    args.width = 16
     args.repeats, args.calls = 2, 1
   devices_md, counts = part_devices(args)
   print(devices_md, flush=True)
-  chunks_md, mems = part_chunks(args)
-  print(chunks_md, flush=True)
+  chunk_sections, mems = [], {}
+  for model in ('mlp', 'cnn'):
+    chunks_md, mems[model] = part_chunks(args, model)
+    print(chunks_md, flush=True)
+    chunk_sections += [chunks_md, '']
   command = 'python benchmarks/bench_devices.py' + (
       ' --quick' if args.quick else '')
   section = '\n'.join([
@@ -214,8 +252,7 @@ def main(argv=None):
       '',
       devices_md,
       '',
-      chunks_md,
-  ])
+  ] + chunk_sections)
   if not args.no_write:
     print('wrote', write_section('devices', section))
   return {'all_reduces': counts, 'memory': mems}
