@@ -52,6 +52,8 @@ def parse_args(argv):
   parser.add_argument('--alpha-maxes', type=float, nargs='+',
                       default=[1.0, 3.0],
                       help='alpha ranges tried at rho_max = 2 rho')
+  parser.add_argument('--no-shipped', dest='shipped', action='store_false',
+                      help='skip the rows for the shipped defaults')
   parser.add_argument('--lr', type=float, default=0.05)
   parser.add_argument('--batch-size', type=int, default=100)
   parser.add_argument('--samples', type=int, default=5000)
@@ -59,7 +61,7 @@ def parse_args(argv):
   if args.quick:
     args.epochs, args.seeds, args.noise = 1, [0], [0.2]
     args.rhos, args.ratios, args.alpha_maxes = [0.05], [2.0], []
-    args.samples = 1000
+    args.samples, args.shipped = 1000, False
   return args
 
 
@@ -74,6 +76,9 @@ class Structure:
       self.tx = optax.chain(
           sam_optax.inject_hyperparams(sam_optax.sam)(m1d.loss_fn, rho=0.05),
           base)
+    elif kind == 'xsam_default':
+      # Exactly the shipped defaults: xsam(loss_fn), nothing else set.
+      self.tx = optax.chain(sam_optax.xsam(m1d.loss_fn), base)
     else:
       self.tx = optax.chain(
           sam_optax.inject_hyperparams(sam_optax.xsam)(
@@ -87,7 +92,7 @@ class Structure:
 
   def init(self, params, rho=None, rho_max=None):
     state = self.tx.init(params)
-    if self.kind != 'sgd':
+    if self.kind in ('sam', 'xsam'):
       state[0].hyperparams['rho'] = jnp.asarray(rho, jnp.float32)
     if self.kind == 'xsam':
       state[0].hyperparams['rho_max'] = jnp.asarray(rho_max, jnp.float32)
@@ -109,6 +114,8 @@ def train(structure, data, seed, epochs, batch_size, **hyperparams):
         jnp.asarray(y[order].reshape(steps, batch_size)))
     if structure.kind == 'xsam':
       alphas.append(float(state[0].inner_state.alpha))
+    elif structure.kind == 'xsam_default':
+      alphas.append(float(state[0].alpha))
   accuracy, _ = m1d.evaluate(params, jnp.asarray(data['x_test']),
                              jnp.asarray(data['y_test']))
   return float(accuracy), (statistics.mean(alphas) if alphas else None)
@@ -116,16 +123,21 @@ def train(structure, data, seed, epochs, batch_size, **hyperparams):
 
 def configs(args):
   """(label, structure key, hyperparams) for every run of one setting."""
-  out = [('SGD', ('sgd', None), {})]
+  out = [('SGD', ('sgd', None, None), {})]
   for rho in args.rhos:
-    out.append((f'SAM rho={rho:g}', ('sam', None), {'rho': rho}))
+    out.append((f'SAM rho={rho:g}', ('sam', None, None), {'rho': rho}))
   for rho in args.rhos:
     for ratio in args.ratios:
       out.append((f'XSAM rho={rho:g} rho_max={ratio:g}rho alpha<=2',
-                  ('xsam', 2.0), {'rho': rho, 'rho_max': ratio * rho}))
+                  ('xsam', 2.0, None), {'rho': rho, 'rho_max': ratio * rho}))
     for alpha_max in args.alpha_maxes:
       out.append((f'XSAM rho={rho:g} rho_max=2rho alpha<={alpha_max:g}',
-                  ('xsam', alpha_max), {'rho': rho, 'rho_max': 2 * rho}))
+                  ('xsam', alpha_max, None), {'rho': rho, 'rho_max': 2 * rho}))
+  if args.shipped:
+    out.append(('XSAM as shipped: xsam(loss_fn), probe_every=100',
+                ('xsam_default', None, 100), {}))
+    out.append(('XSAM rho=0.15 rho_max=1rho alpha<=2, probe_every=10',
+                ('xsam', 2.0, 10), {'rho': 0.15, 'rho_max': 0.15}))
   return out
 
 
@@ -144,7 +156,8 @@ def main(argv=None):
   start = time.perf_counter()
   for _, key, _ in runs:
     if key not in structures:
-      structures[key] = Structure(key[0], key[1], lr, steps, shapes)
+      structures[key] = Structure(key[0], key[1], lr, key[2] or steps,
+                                  shapes)
   compile_s = time.perf_counter() - start
 
   results = {}  # (noise, label) -> list of (accuracy, mean alpha)
@@ -194,8 +207,9 @@ cosine learning rate from {args.lr:g}; every sharpness-aware optimizer is
 chained in front of that same SGD). Mean ± half-range over seeds
 {args.seeds} (initialization and data order); in brackets the difference to
 SGD. "noise" is the fraction of training labels replaced by a wrong class.
-XSAM probes once per epoch (probe_every={steps}), on the alpha grid 0..alpha_max
-step 0.1. The last column is the probed alpha averaged over epochs and seeds.
+XSAM probes once per epoch (probe_every={steps}) unless the row says otherwise,
+on the alpha grid 0..alpha_max step 0.1; "as shipped" is `xsam(loss_fn)` with
+every default. The last column is the probed alpha averaged over epochs and seeds.
 
 {table}
 
