@@ -74,7 +74,7 @@ def _check_static_positive(owner: str, name: str, value: Any) -> float:
 
 
 def _plane(ascent: pipeline.Ascent):
-  """v0, the norm of g_k, and the slerp coefficients' ingredients."""
+  """(v0, g_k in float32, ||g_k||, theta) of the spec's plane."""
   displacement = ascent.displacement
   v0 = tree_math.tree_scale(
       tree_math.safe_inverse(tree_math.tree_norm(displacement)), displacement
@@ -115,9 +115,6 @@ def _combine(grid: np.ndarray, probe_every: Optional[int],
 
   def combine(ascent: pipeline.Ascent):
     v0, grad_k, grad_k_norm, theta = _plane(ascent)
-    # ||g_k|| v1 is g_k itself (for g_k = 0 both are 0): using g_k keeps
-    # alpha = 1 bit-for-bit equal to SAM.
-    unit_k = tree_math.tree_scale(tree_math.safe_inverse(grad_k_norm), grad_k)
 
     if probe_every is None:
       alpha = ascent.hyperparams['alpha']
@@ -126,17 +123,20 @@ def _combine(grid: np.ndarray, probe_every: Optional[int],
       rho_max = ascent.hyperparams['rho_max']
       params = ascent.params
 
-      def probe_loss(a):
-        c0, c1 = _slerp_coefficients(a, theta)
-        point = jax.tree.map(
-            lambda p, x, y: (
-                tree_math._wide(p) + rho_max * (c0 * x + c1 * y)
-            ).astype(p.dtype),
-            params, v0, unit_k,
-        )
-        return jnp.asarray(ascent.loss_at(point), jnp.float32)
-
       def probe(_):
+        unit_k = tree_math.tree_scale(tree_math.safe_inverse(grad_k_norm),
+                                      grad_k)  # v1
+
+        def probe_loss(a):
+          c0, c1 = _slerp_coefficients(a, theta)
+          point = jax.tree.map(
+              lambda p, x, y: (
+                  tree_math._wide(p) + rho_max * (c0 * x + c1 * y)
+              ).astype(p.dtype),
+              params, v0, unit_k,
+          )
+          return jnp.asarray(ascent.loss_at(point), jnp.float32)
+
         losses = jax.lax.map(probe_loss, jnp.asarray(grid),
                              batch_size=probe_batch_size)
         if ascent.axis_name is not None:
@@ -154,6 +154,8 @@ def _combine(grid: np.ndarray, probe_every: Optional[int],
           ascent.count % probe_every == 0, probe, keep, None
       )
 
+    # ||g_k|| d(alpha) = c0 ||g_k|| v0 + c1 g_k: using g_k itself (rather
+    # than ||g_k|| v1) keeps alpha = 1 bit-for-bit equal to SAM.
     c0, c1 = _slerp_coefficients(alpha, theta)
     scale0 = c0 * grad_k_norm
     out = jax.tree.map(lambda x, y: scale0 * x + c1 * y, v0, grad_k)
@@ -221,7 +223,9 @@ def xsam(
 
   Degenerate planes (:math:`\sin\theta < 10^{-8}`: zero or (anti)parallel
   vectors) use the :math:`\theta \to 0` limit
-  :math:`(1-\alpha) v_0 + \alpha v_1`; norms and dot products are float32;
+  :math:`(1-\alpha) v_0 + \alpha v_1` (the reference code uses
+  :math:`(v_0 + v_1)/2`, the same at alpha = 1/2; the limit keeps alpha = 1
+  exactly SAM there too); norms and dot products are float32;
   zero gradients give a zero update, never NaN.
 
   Devices and chunks work as in `sam`: with ``axis_name`` every device builds
