@@ -65,7 +65,7 @@ def optimizers(steps):
   }
 
 
-def time_epochs(steps, batch_size, repeats):
+def time_epochs(steps, batch_size, repeats, quick=False):
   key = jax.random.PRNGKey(0)
   params = m1d.init_params(key)
   kx, ky = jax.random.split(key)
@@ -73,6 +73,8 @@ def time_epochs(steps, batch_size, repeats):
   ys = jax.random.randint(ky, (steps, batch_size), 0, m1d.NUM_CLASSES)
   fns = {}
   for name, tx in optimizers(steps).items():
+    if quick and name not in ('SAM', 'XSAM, probe once per epoch'):
+      continue  # a smoke run: compile as little as possible
     state = tx.init(params)
     compiled = m1d.make_epoch_fn(tx).lower(params, state, xs, ys).compile()
     fns[name] = (lambda c=compiled, s=state: c(params, s, xs, ys))
@@ -84,7 +86,7 @@ def main(argv=None):
   rows = []
   ratios = {}
   for steps in args.steps:
-    times = time_epochs(steps, args.batch_size, args.repeats)
+    times = time_epochs(steps, args.batch_size, args.repeats, args.quick)
     for name in times:
       ratio = _common.paired_ratio(times, name, 'SAM')
       ratios[(steps, name)] = ratio
