@@ -250,7 +250,10 @@ def worst_case_sharpness(
   :math:`\eta_0 = 2\rho`. The best point found is returned; since
   :math:`\gamma = 0` is in the ball, the sharpness is never negative. Costs
   ``num_steps + 1`` gradients (of the dataset loss, with ``batches``) and one
-  forward pass.
+  forward pass. Andriushchenko et al. report the *mean over batches* of each
+  batch's worst-case sharpness; that is
+  ``m_sharpness(loss_fn, params, m=batch_size,
+  measure=worst_case_sharpness, ...)``.
 
   Examples:
     >>> import jax.numpy as jnp
