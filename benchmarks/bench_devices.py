@@ -228,7 +228,8 @@ def main(argv=None):
   parser.add_argument('--repeats', type=int, default=15)
   parser.add_argument('--calls', type=int, default=5)
   parser.add_argument('--quick', action='store_true',
-                      help='tiny sizes and 2 rounds, for a smoke test')
+                      help='tiny sizes and 2 rounds, for a smoke test (prints'
+                      ' only, leaves benchmarks/results alone)')
   parser.add_argument('--no-write', action='store_true',
                       help='print only; leave benchmarks/results alone')
   args = parser.parse_args(argv)
@@ -253,7 +254,7 @@ def main(argv=None):
       devices_md,
       '',
   ] + chunk_sections)
-  if not args.no_write:
+  if not (args.quick or args.no_write):  # a smoke run keeps the results
     print('wrote', write_section('devices', section))
   return {'all_reduces': counts, 'memory': mems}
 
