@@ -216,7 +216,9 @@ class TrainResult:
     train_loss: mean minibatch loss (on the possibly noisy labels, at the
       weights before each step) over each epoch.
     step_time: wall seconds per optimizer step in each epoch (compilation
-      excluded: it happens before the first epoch, see ``compile_time``).
+      excluded: it happens before the first epoch, see ``compile_time``; the
+      first epoch still carries the one-time cost of a first call, so quote
+      medians or later epochs).
     compile_time: seconds spent compiling the epoch function.
     metrics: ``state_metrics(opt_state)`` after each epoch (e.g. XSAM's
       alpha), if given.
