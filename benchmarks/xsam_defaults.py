@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import os
 import pathlib
 import statistics
@@ -54,6 +55,9 @@ def parse_args(argv):
                       help='alpha ranges tried at rho_max = 2 rho')
   parser.add_argument('--no-shipped', dest='shipped', action='store_false',
                       help='skip the rows for the shipped defaults')
+  parser.add_argument('--no-max-angle', dest='max_angle_rows',
+                      action='store_false',
+                      help='skip the rows for the max_angle option')
   parser.add_argument('--lr', type=float, default=0.05)
   parser.add_argument('--batch-size', type=int, default=100)
   parser.add_argument('--samples', type=int, default=5000)
@@ -61,14 +65,15 @@ def parse_args(argv):
   if args.quick:
     args.epochs, args.seeds, args.noise = 1, [0], [0.2]
     args.rhos, args.ratios, args.alpha_maxes = [0.05], [2.0], []
-    args.samples, args.shipped = 1000, False
+    args.samples, args.shipped, args.max_angle_rows = 1000, False, False
   return args
 
 
 class Structure:
   """One compiled epoch function for one optimizer structure."""
 
-  def __init__(self, kind, alpha_max, lr_schedule, probe_every, shapes):
+  def __init__(self, kind, alpha_max, lr_schedule, probe_every, shapes,
+               max_angle=None):
     base = optax.sgd(lr_schedule, momentum=0.9)
     if kind == 'sgd':
       self.tx = base
@@ -83,7 +88,7 @@ class Structure:
       self.tx = optax.chain(
           sam_optax.inject_hyperparams(sam_optax.xsam)(
               m1d.loss_fn, rho=0.05, rho_max=0.1, probe_every=probe_every,
-              alpha_max=alpha_max),
+              alpha_max=alpha_max, max_angle=max_angle),
           base)
     params = m1d.init_params(jax.random.PRNGKey(0))
     self.compiled = m1d.make_epoch_fn(self.tx).lower(
@@ -114,7 +119,7 @@ def train(structure, data, seed, epochs, batch_size, **hyperparams):
         jnp.asarray(y[order].reshape(steps, batch_size)))
     if structure.kind == 'xsam':
       alphas.append(float(state[0].inner_state.alpha))
-    elif structure.kind == 'xsam_default':
+    elif structure.kind == 'xsam_default':  # not wrapped in inject
       alphas.append(float(state[0].alpha))
   accuracy, _ = m1d.evaluate(params, jnp.asarray(data['x_test']),
                              jnp.asarray(data['y_test']))
@@ -123,21 +128,26 @@ def train(structure, data, seed, epochs, batch_size, **hyperparams):
 
 def configs(args):
   """(label, structure key, hyperparams) for every run of one setting."""
-  out = [('SGD', ('sgd', None, None), {})]
+  out = [('SGD', ('sgd', None, None, None), {})]
   for rho in args.rhos:
-    out.append((f'SAM rho={rho:g}', ('sam', None, None), {'rho': rho}))
+    out.append((f'SAM rho={rho:g}', ('sam', None, None, None), {'rho': rho}))
   for rho in args.rhos:
     for ratio in args.ratios:
       out.append((f'XSAM rho={rho:g} rho_max={ratio:g}rho alpha<=2',
-                  ('xsam', 2.0, None), {'rho': rho, 'rho_max': ratio * rho}))
+                  ('xsam', 2.0, None, None), {'rho': rho, 'rho_max': ratio * rho}))
     for alpha_max in args.alpha_maxes:
       out.append((f'XSAM rho={rho:g} rho_max=2rho alpha<={alpha_max:g}',
-                  ('xsam', alpha_max, None), {'rho': rho, 'rho_max': 2 * rho}))
+                  ('xsam', alpha_max, None, None), {'rho': rho, 'rho_max': 2 * rho}))
   if args.shipped:
     out.append(('XSAM as shipped: xsam(loss_fn), probe_every=100',
-                ('xsam_default', None, 100), {}))
+                ('xsam_default', None, 100, None), {}))
     out.append(('XSAM rho=0.15 rho_max=1rho alpha<=2, probe_every=10',
-                ('xsam', 2.0, 10), {'rho': 0.15, 'rho_max': 0.15}))
+                ('xsam', 2.0, 10, None), {'rho': 0.15, 'rho_max': 0.15}))
+  if args.max_angle_rows:
+    for ratio in (2.0, 4.0):
+      out.append((f'XSAM rho=0.15 rho_max={ratio:g}rho alpha<=2,'
+                  ' max_angle=pi/2', ('xsam', 2.0, None, math.pi / 2),
+                  {'rho': 0.15, 'rho_max': ratio * 0.15}))
   return out
 
 
@@ -157,7 +167,7 @@ def main(argv=None):
   for _, key, _ in runs:
     if key not in structures:
       structures[key] = Structure(key[0], key[1], lr, key[2] or steps,
-                                  shapes)
+                                  shapes, max_angle=key[3])
   compile_s = time.perf_counter() - start
 
   results = {}  # (noise, label) -> list of (accuracy, mean alpha)

@@ -201,6 +201,37 @@ def test_probe_finds_maximum_along_the_arc():
   np.testing.assert_allclose(state.alpha, expected, rtol=1e-6)
 
 
+def test_max_angle_caps_the_probe_and_the_update():
+  rho, rho_max = 0.1, 0.15
+  g0 = A_DIAG * W0
+  g1 = A_DIAG * (W0 + rho * g0 / np.linalg.norm(g0))
+  phi0, phi1 = np.arctan2(g0[1], g0[0]), np.arctan2(g1[1], g1[0])
+  theta = abs(phi1 - phi0)
+  alphas = np.round(np.arange(31) * 0.1, 10)
+  phi = phi0 + alphas * (phi1 - phi0)
+  along_arc = (rho_max * (g0[0] * np.cos(phi) + g0[1] * np.sin(phi))
+               + 0.5 * rho_max ** 2 * (A_DIAG[0] * np.cos(phi) ** 2
+                                       + A_DIAG[1] * np.sin(phi) ** 2))
+  max_angle = 1.05 * theta  # allows alpha <= 1.05 only
+  allowed = alphas * theta <= max_angle
+  expected = alphas[np.argmax(np.where(allowed, along_arc, -np.inf))]
+  assert expected < alphas[np.argmax(along_arc)]  # the cap matters here
+  w0 = jnp.asarray(W0, jnp.float32)
+  tx = sam_optax.xsam(quad_loss, rho=rho, rho_max=rho_max, probe_every=1,
+                      alpha_max=3.0, max_angle=max_angle)
+  _, state = tx.update(jax.grad(quad_loss)(w0), tx.init(w0), w0)
+  np.testing.assert_allclose(state.alpha, expected, rtol=1e-6)
+  # A fixed alpha past the cap is cut to it: the update is at max_angle from
+  # the ascent direction (= g0 for one ascent step).
+  tx = sam_optax.xsam(quad_loss, rho=rho, probe_every=None, alpha=1.8,
+                      max_angle=0.5 * 1.8 * theta)
+  updates, state = tx.update(jax.grad(quad_loss)(w0), tx.init(w0), w0)
+  u = np.asarray(updates, np.float64)
+  angle = np.arccos(u @ g0 / (np.linalg.norm(u) * np.linalg.norm(g0)))
+  np.testing.assert_allclose(angle, 0.5 * 1.8 * theta, rtol=1e-3)
+  np.testing.assert_allclose(state.alpha, 0.9, rtol=1e-3)
+
+
 @pytest.mark.parametrize('probe_batch_size', [1, 7, 21])
 def test_probe_batch_size_does_not_change_the_result(probe_batch_size):
   tx = sam_optax.xsam(quad_loss, rho=0.1, rho_max=0.15, probe_every=1,
@@ -377,6 +408,8 @@ def test_chunks_probe_on_their_own_examples(mode):
     ({'probe_every': True}, TypeError, 'probe_every'),
     ({'probe_batch_size': 0}, ValueError, 'probe_batch_size'),
     ({'ascent_steps': 0}, ValueError, 'ascent_steps'),
+    ({'max_angle': 4.0}, ValueError, 'at most pi'),
+    ({'max_angle': 0.0}, ValueError, 'max_angle must be a finite'),
 ])
 def test_bad_input_is_a_clear_error(kwargs, error, match):
   with pytest.raises(error, match=match):

@@ -110,11 +110,17 @@ def _slerp_coefficients(alpha: jax.Array, theta: jax.Array):
 
 
 def _combine(grid: np.ndarray, probe_every: Optional[int],
-             probe_batch_size: Optional[int]) -> pipeline.Combine:
+             probe_batch_size: Optional[int],
+             max_angle: Optional[float] = None) -> pipeline.Combine:
   """XSAM's combine piece: probe (on its steps), then ||g_k|| d(alpha)."""
 
   def combine(ascent: pipeline.Ascent):
     v0, grad_k, grad_k_norm, theta = _plane(ascent)
+    if max_angle is not None:
+      # The largest alpha whose direction is within max_angle of v0.
+      positive = theta > 0
+      alpha_limit = jnp.where(
+          positive, max_angle / jnp.where(positive, theta, 1.0), jnp.inf)
 
     if probe_every is None:
       alpha = ascent.hyperparams['alpha']
@@ -144,7 +150,10 @@ def _combine(grid: np.ndarray, probe_every: Optional[int],
           losses = jax.lax.pmean(losses, ascent.axis_name)
         # argmax takes the first maximum: ties go to the smaller alpha. A NaN
         # loss is never chosen.
-        best = jnp.argmax(jnp.where(jnp.isnan(losses), -jnp.inf, losses))
+        allowed = ~jnp.isnan(losses)
+        if max_angle is not None:
+          allowed &= jnp.asarray(grid) <= alpha_limit  # alpha = 0 always is
+        best = jnp.argmax(jnp.where(allowed, losses, -jnp.inf))
         return jnp.asarray(grid)[best], losses
 
       def keep(_):
@@ -154,6 +163,8 @@ def _combine(grid: np.ndarray, probe_every: Optional[int],
           ascent.count % probe_every == 0, probe, keep, None
       )
 
+    if max_angle is not None:
+      alpha = jnp.minimum(alpha, alpha_limit)
     # ||g_k|| d(alpha) = c0 ||g_k|| v0 + c1 g_k: using g_k itself (rather
     # than ||g_k|| v1) keeps alpha = 1 bit-for-bit equal to SAM.
     c0, c1 = _slerp_coefficients(alpha, theta)
@@ -177,6 +188,7 @@ def xsam(
     alpha_max: float = 2.0,
     alpha_step: float = 0.1,
     probe_batch_size: Optional[int] = None,
+    max_angle: Optional[float] = None,
     ascent_steps: int = 1,
     has_aux: bool = False,
     axis_name: Optional[Hashable] = None,
@@ -280,6 +292,14 @@ def xsam(
       ``None`` (default) one at a time with `jax.lax.map` (memory of one
       forward pass), the grid length for a single `jax.vmap` (fastest, memory
       of all of them), or anything between.
+    max_angle: an option beyond the paper, off by default: the largest angle
+      (radians, in (0, pi]) between the direction d(alpha) and the ascent
+      direction v0. At every step alpha is capped at ``max_angle / theta``
+      and the probe only chooses among grid points below that cap (alpha = 0
+      is always allowed); the state's ``alpha`` is the capped value used.
+      ``pi / 2`` keeps the update from turning past a right angle with the
+      ascent direction, which a large ``rho_max`` otherwise can
+      (benchmarks/results/xsam_defaults.md).
     ascent_steps: number of normalized ascent steps (k >= 1); v0 is the
       direction of the whole displacement :math:`w_k - w_0`.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
@@ -334,6 +354,13 @@ def xsam(
     probe_every = validation.check_static_int(
         owner, 'probe_every', probe_every, minimum=1
     )
+  if max_angle is not None:
+    max_angle = _check_static_positive(owner, 'max_angle', max_angle)
+    if max_angle > np.pi + 1e-6:
+      raise ValueError(
+          f'{owner}: max_angle is in radians and at most pi, got {max_angle}'
+          ' (e.g. max_angle=math.pi / 2 for a right angle).'
+      )
   if probe_batch_size is not None:
     probe_batch_size = validation.check_static_int(
         owner, 'probe_batch_size', probe_batch_size, minimum=1
@@ -361,6 +388,6 @@ def xsam(
       chunk_size=chunk_size,
       chunk_mode=chunk_mode,
       shared_perturbation=shared_perturbation,
-      combine=_combine(grid, probe_every, probe_batch_size),
+      combine=_combine(grid, probe_every, probe_batch_size, max_angle),
       init_extra=init_extra,
   )
