@@ -26,6 +26,8 @@ Run::
 from __future__ import annotations
 
 import argparse
+import pathlib
+import sys
 import time
 from typing import Any, Optional, Sequence
 
@@ -38,19 +40,14 @@ import tqdm
 
 import sam_optax
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import mnist1d_common  # noqa: E402  (MNIST-1D, generated locally)
+
 
 def load_mnist1d(num_samples: int, seed: int):
-  """MNIST-1D generated locally (80% train, 20% test)."""
-  from mnist1d.data import get_dataset_args, make_dataset  # pylint: disable=g-import-not-at-top
-
-  args = get_dataset_args()
-  args.num_samples, args.seed = num_samples, seed
-  data = make_dataset(args)
-  return (
-      (np.asarray(data['x'], np.float32), np.asarray(data['y'], np.int32)),
-      (np.asarray(data['x_test'], np.float32),
-       np.asarray(data['y_test'], np.int32)),
-  )
+  """MNIST-1D generated locally (80% train, 20% test), clean labels."""
+  data = mnist1d_common.load_data(num_samples, data_seed=seed)
+  return (data['x'], data['y']), (data['x_test'], data['y_test'])
 
 
 class MLP(nnx.Module):

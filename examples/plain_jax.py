@@ -25,6 +25,8 @@ its own run, so one command is a small rho sweep.
 from __future__ import annotations
 
 import argparse
+import pathlib
+import sys
 import time
 from typing import Any, Optional, Sequence
 
@@ -36,27 +38,27 @@ import tqdm
 
 import sam_optax
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import mnist1d_common  # noqa: E402  (MNIST-1D, generated locally)
+
 PROBE_RHO = 0.05  # radius of the sharpness figure reported for every run
 
 
 # ----------------------------------------------------------------- data ----
 def load_mnist1d(num_samples: int, label_noise: float, seed: int):
-  """MNIST-1D generated locally; a fraction of the training labels flipped."""
-  from mnist1d.data import get_dataset_args, make_dataset  # pylint: disable=g-import-not-at-top
+  """MNIST-1D generated locally; a fraction of the training labels resampled.
 
-  args = get_dataset_args()
-  args.num_samples = num_samples
-  args.seed = seed
-  data = make_dataset(args)
-  x_train = np.asarray(data['x'], np.float32)
-  y_train = np.asarray(data['y'], np.int32)
+  Each training label is, with probability ``label_noise``, replaced by a
+  class drawn uniformly from all ten (so about 10% of those keep their class).
+  """
+  data = mnist1d_common.load_data(num_samples, data_seed=seed)
+  y_train = data['y']
   rng = np.random.default_rng(seed)
   flip = rng.random(len(y_train)) < label_noise
   y_train = np.where(flip, rng.integers(0, 10, len(y_train)), y_train)
   return (
-      (x_train, y_train.astype(np.int32)),
-      (np.asarray(data['x_test'], np.float32),
-       np.asarray(data['y_test'], np.int32)),
+      (data['x'], y_train.astype(np.int32)),
+      (data['x_test'], data['y_test']),
   )
 
 
