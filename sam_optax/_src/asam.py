@@ -96,6 +96,10 @@ def asam(
   scaling). ``ascent_steps=k`` takes k steps of length :math:`\rho/k`, each in
   the metric of the clean weights.
 
+  Devices and m-sharpness (``axis_name``, ``sync_perturbation``,
+  ``axis_index_groups``, ``chunk_size``, ``chunk_mode``,
+  ``shared_perturbation``) work exactly as in `sam`.
+
   Examples:
     >>> import jax, jax.numpy as jnp, optax, sam_optax
     >>> def loss_fn(params, x):
@@ -121,26 +125,6 @@ def asam(
       bools like params, or a predicate ``(path, leaf) -> bool``.
     ascent_steps: number of ascent steps (k >= 1).
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-    axis_name: inside `jax.pmap` / `jax.shard_map`, the device axis: each
-      device perturbs with its own gradient and the result is averaged over
-      the axis (one all-reduce per step, like data-parallel SGD). Inside
-      `jax.shard_map`, take the incoming gradient at
-      ``jax.lax.pcast(params, axis_name, to='varying')`` (the device's own).
-    sync_perturbation: with ``axis_name``, perturb with the axis-averaged
-      gradient instead (SAM on the global batch, one more all-reduce).
-    axis_index_groups: with ``sync_perturbation`` (pmap only), average inside
-      these groups of devices, e.g. ``[[0, 1], [2, 3]]``.
-    chunk_size: m-sharpness inside the step: split the batch (every array of
-      the loss keyword arguments with a leading batch dimension) into chunks
-      of m examples, each with its own perturbation (and its own clean
-      gradient: one extra pass over the batch); the results are averaged.
-    chunk_mode: ``'sequential'`` (`jax.lax.scan`, memory of one chunk),
-      ``'vectorized'`` (`jax.vmap`) or `sam_optax.mesh_chunks` (vectorized,
-      chunks laid over a mesh axis under `jax.jit`).
-    shared_perturbation: with ``chunk_size``, one perturbation for the whole
-      batch with gradients accumulated over the chunks -- SAM on batches that
-      do not fit in memory; ``updates`` must then be the full-batch gradient
-      (e.g. from `sam_optax.chunked_value_and_grad`).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a `SAMState`.
