@@ -251,12 +251,14 @@ def xsam(
   MNIST-1D CNN, 3 seeds, with and without 20% label noise): ``rho=0.15``,
   ``rho_max=rho`` (0.15) and the grid 0..2 step 0.1. The paper's CIFAR probe
   radius ``rho_max = 2 rho = 0.3`` made training stall on some seeds there
-  (test accuracy far below SGD; the probe kept choosing alpha near 1.7-1.9,
-  while the cosine between the update and the clean gradient stayed 0.7-0.95
-  -- the cause is not established). With a probe radius of at most 0.2
-  (``rho_max`` = rho .. 4 rho at rho = 0.05, ``rho_max = rho`` at rho =
-  0.15) XSAM matched or beat SAM at the same ``rho``; ``rho_max = rho / 2``
-  was slightly below SAM. ``probe_every=100`` was not tuned (the paper
+  (test accuracy far below SGD), with the probe choosing alpha near
+  1.6-1.8. With alpha fixed at 1.8 the cosine between the update and the
+  clean gradient fell to about 0 (and below) within the first epoch, as
+  ``||g0||`` shrank and theta grew, and the network ended at chance;
+  ``max_angle=pi/2`` only partly prevented the stall. With a probe radius of
+  at most 0.2 (``rho_max`` = rho .. 4 rho at rho = 0.05, ``rho_max = rho``
+  at rho = 0.15) XSAM matched or beat SAM at the same ``rho``, within the
+  seed spread. ``probe_every=100`` was not tuned (the paper
   probes once per epoch); on short epochs probe less often to keep the cost
   within a few percent of SAM (benchmarks/results/xsam.md).
 
@@ -298,8 +300,9 @@ def xsam(
       and the probe only chooses among grid points below that cap (alpha = 0
       is always allowed); the state's ``alpha`` is the capped value used.
       ``pi / 2`` keeps the update from turning past a right angle with the
-      ascent direction, which a large ``rho_max`` otherwise can
-      (benchmarks/results/xsam_defaults.md).
+      ascent direction; on our MNIST-1D runs with ``rho_max = 0.3`` it only
+      partly prevented the stall described above
+      (benchmarks/results/xsam_defaults.md), so it is off by default.
     ascent_steps: number of normalized ascent steps (k >= 1); v0 is the
       direction of the whole displacement :math:`w_k - w_0`.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
