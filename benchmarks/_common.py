@@ -16,12 +16,25 @@ import numpy as np
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), 'results')
 
 
+def _cpu_model() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def machine() -> str:
+  """The machine, backend and versions, for the heading of a result."""
   device = jax.devices()[0]
-  cpu = platform.processor() or platform.machine()
+  accelerator = ('' if device.platform == 'cpu' else
+                 f'{device.device_kind} ({device.platform}), ')
   return (
-      f'{device.platform.upper()} {device.device_kind}, {os.cpu_count()} CPU'
-      f' cores ({cpu}), jax {jax.__version__}, python'
+      f'{accelerator}{_cpu_model()}, {os.cpu_count()} CPU cores,'
+      f' JAX {jax.__version__} on {device.platform}, Python'
       f' {platform.python_version()}, {datetime.date.today().isoformat()}'
   )
 
