@@ -406,3 +406,13 @@ def test_mesh_helpers_check_their_axis():
     sam_optax.mesh_chunks(MESH, 'batch')
   with pytest.raises(ValueError, match='multiple of 8'):
     sam_optax.shard_batch({'x': jnp.ones((12, 2))}, MESH, 'd')
+
+
+def test_chunks_of_an_explicitly_sharded_batch_that_do_not_lay_evenly():
+  mesh = jax.make_mesh((DEVICES,), ('d',), axis_types=(
+      jax.sharding.AxisType.Explicit,))
+  batch = sam_optax.shard_batch({'x': X, 'y': Y}, mesh, 'd')
+  chunks = X.shape[0] // (X.shape[0] // 2)  # 2 chunks over 8 devices
+  with pytest.raises(ValueError, match=f'its {chunks} chunks .* do not lay'):
+    sam_optax.chunked_value_and_grad(loss_fn, X.shape[0] // 2)(
+        jax.device_put(PARAMS, NamedSharding(mesh, P())), **batch)

@@ -59,12 +59,23 @@ def split_into_chunks(
         f' dividing {n}, or a batch size that is a multiple of {chunk_size}.'
     )
   chunks = n // chunk_size
-  return jax.tree.map(
-      lambda x: jnp.reshape(x, (chunks, chunk_size) + jnp.shape(x)[1:])
-      if jnp.ndim(x) > 0
-      else x,
-      dict(loss_kwargs),
-  )
+  try:
+    return jax.tree.map(
+        lambda x: jnp.reshape(x, (chunks, chunk_size) + jnp.shape(x)[1:])
+        if jnp.ndim(x) > 0
+        else x,
+        dict(loss_kwargs),
+    )
+  except Exception as error:  # JAX's ShardingTypeError is not public.
+    if type(error).__name__ != 'ShardingTypeError':
+      raise
+    raise ValueError(
+        f'{owner}: the batch of {n} examples is sharded over an explicit mesh'
+        f' axis, and its {chunks} chunks of m={chunk_size} do not lay evenly'
+        ' over that axis. Use a number of chunks that is a multiple of the'
+        ' axis size (with chunk_mode=sam_optax.mesh_chunks(mesh, axis) to'
+        ' keep each chunk on its device), or pass the batch unsharded.'
+    ) from error
 
 
 def chunk_axes(split_kwargs: Mapping[str, Any]) -> dict[str, Any]:
