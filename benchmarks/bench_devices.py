@@ -218,6 +218,22 @@ def part_chunks(args, model):
   return '\n'.join(lines), mems
 
 
+READING = '''Reading. The all-reduce column is counted in the compiled HLO:
+per-device SAM needs the same single all-reduce as data-parallel SGD (the
+gradient and the diagnostics ride in one variadic all-reduce), and syncing
+the perturbation adds exactly one. In-device chunks cost one extra pass
+(each chunk's own clean gradient). `'sequential'` bounds the memory of
+`tx.update` to one chunk, while `'vectorized'` holds one gradient per chunk
+but runs them as one batched program. On XLA:CPU a convolution inside a
+`lax.scan` body runs far slower than the same convolution outside a loop
+(https://github.com/jax-ml/jax/issues/12868), which is why the CNN's
+sequential rows cost so much more than the MLP's; prefer `'vectorized'` on
+CPU when the memory allows. Gradient accumulation
+(`shared_perturbation=True` with `chunked_value_and_grad`, equal to
+full-batch SAM in tests/test_devices.py) runs the step in the memory of one
+chunk.'''
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--channels', type=int, default=32)
@@ -253,7 +269,7 @@ def main(argv=None):
       '',
       devices_md,
       '',
-  ] + chunk_sections)
+  ] + chunk_sections + [READING])
   if not (args.quick or args.no_write):  # a smoke run keeps the results
     print('wrote', write_section('devices', section))
   return {'all_reduces': counts, 'memory': mems}

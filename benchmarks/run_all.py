@@ -3,7 +3,8 @@
 Each benchmark script runs in its own process (the device benchmark needs 8
 fake CPU devices set before JAX starts) and writes its section to
 benchmarks/results/<name>.md; this script then assembles RESULTS.md with the
-machine and JAX version at the top.
+machine and JAX version at the top. Hand-written readings of a section live
+in benchmarks/results/<name>.notes.md, which no script overwrites.
 
   python benchmarks/run_all.py            # everything (tens of minutes on 2 cores)
   python benchmarks/run_all.py --only step memory
@@ -45,21 +46,32 @@ def assemble() -> str:
       '',
       f'Last assembled on: {machine()}.',
       '',
+      'Accelerators: none of these figures comes from a GPU or TPU (none was'
+      ' at hand when they were measured); run this script on one and keep'
+      ' its sections apart, under a heading that names the device.',
+      '',
   ]
+  def section(name):
+    """results/<name>.md, then the hand-written results/<name>.notes.md."""
+    texts = []
+    for suffix in ('.md', '.notes.md'):
+      path = os.path.join(HERE, 'results', name + suffix)
+      if os.path.exists(path):
+        with open(path) as f:
+          texts += [f.read().rstrip(), '']
+    return texts
+
   for name in BENCHMARKS:
-    path = os.path.join(HERE, 'results', f'{name}.md')
-    if os.path.exists(path):
-      with open(path) as f:
-        parts += [f.read().rstrip(), '']
-    else:
-      parts += [f'## {name}', '', f'Not measured yet: run'
-                f' `python benchmarks/{BENCHMARKS[name]}`.', '']
+    parts += section(name) or [
+        f'## {name}', '',
+        f'Not measured yet: run `python benchmarks/{BENCHMARKS[name]}`.', '']
+  # Sections measured elsewhere (e.g. by an example), copied in by hand.
   extra = sorted(
       f[:-3] for f in os.listdir(os.path.join(HERE, 'results'))
-      if f.endswith('.md') and f[:-3] not in BENCHMARKS)
+      if f.endswith('.md') and not f.endswith('.notes.md')
+      and f[:-3] not in BENCHMARKS)
   for name in extra:
-    with open(os.path.join(HERE, 'results', f'{name}.md')) as f:
-      parts += [f.read().rstrip(), '']
+    parts += section(name)
   text = '\n'.join(parts).rstrip() + '\n'
   with open(os.path.join(HERE, 'RESULTS.md'), 'w') as f:
     f.write(text)
