@@ -135,7 +135,7 @@ def main(argv=None):
     make_tx = make_tx_factory(name, steps_per_epoch, args.epochs)
     result = m1d.train(make_tx, data, epochs=args.epochs,
                        batch_size=args.batch_size, seed=args.seed,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, desc=labels[name])
     results[name] = result
     rows.append((
         labels[name],

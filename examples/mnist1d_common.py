@@ -272,6 +272,7 @@ def train(
     progress: bool = True,
     channels: int = 32,
     state_metrics: Optional[Callable[[Any], dict]] = None,
+    desc: str = 'train',
 ) -> TrainResult:
   """Trains the CNN on ``data`` (from `load_data`) and records each epoch.
 
@@ -288,6 +289,7 @@ def train(
     channels: width of the CNN.
     state_metrics: optional ``opt_state -> {name: scalar}``, recorded after
       every epoch.
+    desc: the progress bar's label.
 
   Returns:
     A `TrainResult`.
@@ -318,7 +320,7 @@ def train(
   if progress:
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
-    bar = tqdm(epochs_iter, desc='train', leave=False)
+    bar = tqdm(epochs_iter, desc=desc, leave=False)
     epochs_iter = bar
   for _ in epochs_iter:
     order = rng.permutation(len(y))[: steps * batch_size]
