@@ -240,12 +240,14 @@ def xsam(
   exactly SAM there too); norms and dot products are float32;
   zero gradients give a zero update, never NaN.
 
-  Devices and chunks work as in `sam`: with ``axis_name`` every device builds
-  its own v0, v1 and update, the probe's losses are averaged over the axis
-  before alpha is chosen (so every device uses the same alpha), and the
+  Devices and chunks (``axis_name``, ``sync_perturbation``,
+  ``axis_index_groups``, ``chunk_size``, ``chunk_mode``,
+  ``shared_perturbation``) work as in `sam`: with ``axis_name`` every device
+  builds its own v0, v1 and update, the probe's losses are averaged over the
+  axis before alpha is chosen (so every device uses the same alpha), and the
   update is averaged over the axis. With ``chunk_size`` (m-sharpness) every
-  chunk probes on its own examples and the state keeps the chunks' mean
-  alpha and mean probe losses.
+  chunk probes on its own examples and the state keeps the chunks' mean alpha
+  and mean probe losses.
 
   **Defaults, from measurements** (benchmarks/results/xsam_defaults.md,
   MNIST-1D CNN, 3 seeds, with and without 20% label noise): ``rho=0.15``,
@@ -306,27 +308,6 @@ def xsam(
     ascent_steps: number of normalized ascent steps (k >= 1); v0 is the
       direction of the whole displacement :math:`w_k - w_0`.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-    axis_name: inside `jax.pmap` / `jax.shard_map`, the device axis: each
-      device perturbs with its own gradient and the result is averaged over
-      the axis (one all-reduce per step, like data-parallel SGD). Inside
-      `jax.shard_map`, take the incoming gradient at
-      ``jax.lax.pcast(params, axis_name, to='varying')`` (the device's own).
-    sync_perturbation: with ``axis_name``, perturb with the axis-averaged
-      gradient instead (SAM on the global batch, one more all-reduce).
-    axis_index_groups: with ``sync_perturbation`` (pmap only), average inside
-      these groups of devices, e.g. ``[[0, 1], [2, 3]]``.
-    chunk_size: m-sharpness inside the step: split the batch (every array of
-      the loss keyword arguments with a leading batch dimension) into chunks
-      of m examples, each with its own perturbation (and its own clean
-      gradient: one extra pass over the batch); the results are averaged,
-      as are the chunks' ``alpha`` and ``probe_losses``.
-    chunk_mode: ``'sequential'`` (`jax.lax.scan`, memory of one chunk),
-      ``'vectorized'`` (`jax.vmap`) or `sam_optax.mesh_chunks` (vectorized,
-      chunks laid over a mesh axis under `jax.jit`).
-    shared_perturbation: with ``chunk_size``, one perturbation for the whole
-      batch with gradients accumulated over the chunks -- SAM on batches that
-      do not fit in memory; ``updates`` must then be the full-batch gradient
-      (e.g. from `sam_optax.chunked_value_and_grad`).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is an `XSAMState`.
