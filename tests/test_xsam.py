@@ -229,7 +229,34 @@ def test_max_angle_caps_the_probe_and_the_update():
   u = np.asarray(updates, np.float64)
   angle = np.arccos(u @ g0 / (np.linalg.norm(u) * np.linalg.norm(g0)))
   np.testing.assert_allclose(angle, 0.5 * 1.8 * theta, rtol=1e-3)
-  np.testing.assert_allclose(state.alpha, 0.9, rtol=1e-3)
+  np.testing.assert_allclose(state.alpha, 1.8)  # the state keeps alpha
+
+
+def test_max_angle_of_one_step_does_not_lower_the_kept_alpha():
+  def scaled_loss(w, s):
+    return 0.5 * (w[0] ** 2 + s * w[1] ** 2)
+
+  rho, max_angle = 1.0, 0.1
+  w = jnp.asarray([1.0, 1.0])
+  tx = sam_optax.xsam(scaled_loss, rho=rho, rho_max=rho, probe_every=1000,
+                      alpha_max=3.0, max_angle=max_angle)
+  state, kept, angles, thetas = tx.init(w), [], [], []
+  for s in (30.0, 3.0, 30.0, 30.0):  # the second step's plane is wider
+    g0 = jax.grad(scaled_loss)(w, s)
+    updates, state = tx.update(g0, state, w, s=s)
+    kept.append(float(state.alpha))
+    u, g = np.asarray(updates, np.float64), np.asarray(g0, np.float64)
+    angles.append(np.arccos(np.clip(
+        u @ g / (np.linalg.norm(u) * np.linalg.norm(g)), -1, 1)))
+    # theta by hand: the angle between g0 and g_k = grad L(w + rho g0/|g0|).
+    eps = rho * g / np.linalg.norm(g)
+    gk = np.array([1.0 + eps[0], s * (1.0 + eps[1])])
+    thetas.append(np.arccos(gk @ g / (np.linalg.norm(gk) * np.linalg.norm(g))))
+  alpha = kept[0]
+  assert kept == [alpha] * 4
+  assert alpha * thetas[1] > max_angle > alpha * thetas[0]  # step 1 capped
+  np.testing.assert_allclose(
+      angles, np.minimum(alpha * np.asarray(thetas), max_angle), rtol=2e-3)
 
 
 @pytest.mark.parametrize('probe_batch_size', [1, 7, 21])

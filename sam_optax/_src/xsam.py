@@ -30,8 +30,9 @@ class XSAMState(NamedTuple):
     perturbed_loss: L(w + eps) at the last update, float32.
     grad_norm: ||g0||, the norm of the last incoming (clean) gradient.
     cosine: cos(g0, g) between the clean gradient and the gradient handed on.
-    alpha: the interpolation fraction used by the last update (float32);
-      between probes the probed value is kept here.
+    alpha: the interpolation fraction of the last update (float32): the
+      probed value, kept between probes (or the given ``alpha`` without a
+      probe); with ``max_angle`` a step may use a smaller, capped value.
     probe_losses: the losses L(w0 + rho_max d(alpha_j)) over the alpha grid
       at the last probe (float32, one entry per grid point; zeros until the
       first probe), so the loss along the arc can be logged and plotted.
@@ -163,11 +164,14 @@ def _combine(grid: np.ndarray, probe_every: Optional[int],
           ascent.count % probe_every == 0, probe, keep, None
       )
 
-    if max_angle is not None:
-      alpha = jnp.minimum(alpha, alpha_limit)
+    # The cap applies to this step's update only; the state keeps the probed
+    # (or given) alpha, so one tight step does not lower it until the next
+    # probe.
+    used_alpha = (alpha if max_angle is None
+                  else jnp.minimum(alpha, alpha_limit))
     # ||g_k|| d(alpha) = c0 ||g_k|| v0 + c1 g_k: using g_k itself (rather
     # than ||g_k|| v1) keeps alpha = 1 bit-for-bit equal to SAM.
-    c0, c1 = _slerp_coefficients(alpha, theta)
+    c0, c1 = _slerp_coefficients(used_alpha, theta)
     scale0 = c0 * grad_k_norm
     out = jax.tree.map(lambda x, y: scale0 * x + c1 * y, v0, grad_k)
     return out, {
@@ -300,7 +304,8 @@ def xsam(
       (radians, in (0, pi]) between the direction d(alpha) and the ascent
       direction v0. At every step alpha is capped at ``max_angle / theta``
       and the probe only chooses among grid points below that cap (alpha = 0
-      is always allowed); the state's ``alpha`` is the capped value used.
+      is always allowed); the state keeps the uncapped ``alpha``, so the cap
+      of one step does not carry over to the next.
       ``pi / 2`` keeps the update from turning past a right angle with the
       ascent direction; on our MNIST-1D runs with ``rho_max = 0.3`` it only
       partly prevented the stall described above
