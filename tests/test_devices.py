@@ -356,6 +356,23 @@ def test_uneven_batch_names_both_sizes():
     tx.update(grads, tx.init(PARAMS), PARAMS, x=X, y=Y)
 
 
+def test_raw_key_with_chunks_says_to_pass_a_typed_key():
+  def noisy_loss(params, x, y, key):
+    return loss_fn(params, x, y) + 0.0 * jax.random.uniform(key)
+
+  tx = sam_optax.sam(noisy_loss, RHO, chunk_size=16)
+  grads = jax.grad(loss_fn)(PARAMS, X, Y)
+  with pytest.raises(ValueError, match=r'disagree.*jax.random.key'):
+    tx.update(grads, tx.init(PARAMS), PARAMS, x=X, y=Y,
+              key=jax.random.PRNGKey(0))
+  # A typed key is a scalar: it goes to every chunk.
+  out, _ = tx.update(grads, tx.init(PARAMS), PARAMS, x=X, y=Y,
+                     key=jax.random.key(0))
+  want, _ = sam_optax.sam(loss_fn, RHO, chunk_size=16).update(
+      grads, tx.init(PARAMS), PARAMS, x=X, y=Y)
+  assert_close(out, want)
+
+
 def test_mesh_chunks_must_lay_evenly():
   tx = sam_optax.sam(loss_fn, RHO, chunk_size=16,
                      chunk_mode=sam_optax.mesh_chunks(MESH, 'd'))

@@ -91,9 +91,9 @@ def asam(
     g = \nabla L(w + \epsilon).
 
   By default every parameter is adaptive (the paper's definition); the
-  authors' code exempts biases and normalization scales, which
-  ``adaptive_mask`` reproduces: exempt leaves use :math:`T = 1` (plain SAM
-  scaling). ``ascent_steps=k`` takes k steps of length :math:`\rho/k`, each in
+  authors' code makes only parameters named ``weight`` adaptive, exempting
+  biases, which ``adaptive_mask`` reproduces: exempt leaves use
+  :math:`T = 1` (plain SAM scaling). ``ascent_steps=k`` takes k steps of length :math:`\rho/k`, each in
   the metric of the clean weights.
 
   Devices and m-sharpness (``axis_name``, ``sync_perturbation``,

@@ -30,8 +30,11 @@ def batch_size(owner: str, loss_kwargs: Mapping[str, Any]) -> int:
   if len(set(sizes.values())) != 1:
     raise ValueError(
         f'{owner}: the batch arrays disagree on their leading (batch)'
-        f' dimension: {sizes}. Every array that is split into chunks must have'
-        ' the same number of examples.'
+        f' dimension: {sizes}. Every array of the loss keyword arguments with'
+        ' a dimension is split into chunks, so each must hold the same number'
+        ' of examples. Pass what is not per-example as a scalar (a typed key'
+        ' from jax.random.key(...) rather than a raw PRNGKey of shape (2,)),'
+        ' or close over it in loss_fn (e.g. BatchNorm statistics).'
     )
   return next(iter(sizes.values()))
 
@@ -41,8 +44,11 @@ def split_into_chunks(
 ) -> dict[str, Any]:
   """Reshapes every batched leaf from (n * m, ...) to (n, m, ...).
 
-  Scalars (ndim 0), e.g. a dropout key given as a scalar array, are not
-  split; they are broadcast to every chunk by the caller (``in_axes=None``).
+  Scalars (ndim 0), e.g. a typed dropout key from ``jax.random.key``, are
+  not split; they are broadcast to every chunk by the caller
+  (``in_axes=None``). Every other array is taken as per-example data: a raw
+  ``PRNGKey`` (shape (2,)) or model state such as BatchNorm statistics must be
+  closed over in the loss instead.
   Raises a clear error when the batch does not split evenly.
   """
   if isinstance(chunk_size, bool) or not isinstance(

@@ -225,7 +225,8 @@ def sharpness_aware(
 
   **Chunks (in-device m-sharpness).** With ``chunk_size=m`` every array of
   the loss keyword arguments with a leading batch dimension is split into
-  chunks of m examples (scalars, e.g. a dropout key, go to every chunk). Each
+  chunks of m examples (scalars, e.g. a typed key from `jax.random.key`, go
+  to every chunk; close over other non-batch arrays in the loss). Each
   chunk gets its own clean gradient (recomputed per chunk: one extra forward
   and backward pass over the batch per step, 3 passes instead of SAM's 2;
   the incoming gradient is then used only for the diagnostics and for

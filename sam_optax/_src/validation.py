@@ -49,10 +49,8 @@ def check_hyperparameter(
     raise ValueError(f'{owner}: {name} must be finite, got {number}.')
   if number < 0 or (number == 0 and not allow_zero):
     bound = '>= 0' if allow_zero else '> 0'
-    raise ValueError(
-        f'{owner}: {name} must be {bound}, got {number}. It is a radius or a'
-        ' scale: use a non-negative value (rho=0 gives the base optimizer).'
-    )
+    hint = ' (rho=0 gives exactly the base optimizer)' if name == 'rho' else ''
+    raise ValueError(f'{owner}: {name} must be {bound}, got {number}{hint}.')
 
 
 def check_static_int(owner: str, name: str, value: Any, minimum: int) -> int:

@@ -57,11 +57,12 @@ def alpha_grid(alpha_max: float, alpha_step: float) -> np.ndarray:
   return (np.arange(count, dtype=np.float64) * alpha_step).astype(np.float32)
 
 
-def _check_static_positive(owner: str, name: str, value: Any) -> float:
+def _check_static_positive(owner: str, name: str, value: Any,
+                           why: str) -> float:
   if isinstance(value, jax.core.Tracer) or callable(value):
     raise TypeError(
-        f'{owner}: {name} must be a static Python number (it fixes the size'
-        f' of the alpha grid, a shape in the state), got {value!r}.'
+        f'{owner}: {name} must be a static Python number ({why}), got'
+        f' {value!r}.'
     )
   if isinstance(value, bool) or not isinstance(
       value, (numbers.Real, np.ndarray, jax.Array)
@@ -326,8 +327,10 @@ def xsam(
   validation.check_hyperparameter(owner, 'rho', rho)
   validation.check_hyperparameter(owner, 'rho_max', rho_max, allow_zero=False)
   validation.check_hyperparameter(owner, 'alpha', alpha)
-  alpha_max = _check_static_positive(owner, 'alpha_max', alpha_max)
-  alpha_step = _check_static_positive(owner, 'alpha_step', alpha_step)
+  grid_shape = 'it fixes the size of the alpha grid, a shape in the state'
+  alpha_max = _check_static_positive(owner, 'alpha_max', alpha_max, grid_shape)
+  alpha_step = _check_static_positive(owner, 'alpha_step', alpha_step,
+                                      grid_shape)
   if alpha_step > alpha_max:
     raise ValueError(
         f'{owner}: alpha_step ({alpha_step}) must not exceed alpha_max'
@@ -344,7 +347,8 @@ def xsam(
         owner, 'probe_every', probe_every, minimum=1
     )
   if max_angle is not None:
-    max_angle = _check_static_positive(owner, 'max_angle', max_angle)
+    max_angle = _check_static_positive(
+        owner, 'max_angle', max_angle, 'a fixed angle in radians')
     if max_angle > np.pi + 1e-6:
       raise ValueError(
           f'{owner}: max_angle is in radians and at most pi, got {max_angle}'
