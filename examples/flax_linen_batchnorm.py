@@ -8,10 +8,13 @@ the ``mnist1d`` package, no download) with a ``TrainState``-style loop and
 The caller's clean pass computes the gradient *and* the new running
 statistics; SAM's perturbed pass at w + eps calls the same ``loss_fn`` and
 drops its aux output, so the running statistics never see the perturbed
-weights -- as in the original SAM code. The example checks this on the first
-and the last step: the statistics stored in the state equal those of an
-independent clean forward pass, and differ from those of a forward pass at
-w + eps (eps = rho g / ||g||, written out by hand here).
+weights -- as in the original SAM code. On the first and the last step the
+example shows the difference this makes: the statistics stored in the state
+(those of the clean pass, which this train step keeps) against those a
+forward pass at w + eps would have produced (eps = rho g / ||g||, written out
+by hand here). The library's side of the contract -- the perturbed pass's aux
+reaches neither the update nor the state -- is tested in tests/test_battery.py
+(test_aux_is_dropped) and tests/test_integration.py.
 
 ``flax.training.train_state.TrainState.apply_gradients`` does not forward
 keyword arguments to ``tx.update``, so the ``TrainState`` below adds one
@@ -155,10 +158,12 @@ def make_steps(model: CNN, rho: float):
 
 
 def check_clean_statistics(before, after, x, y, reference_stats) -> float:
-  """Asserts that ``after.batch_stats`` come from the clean pass only.
+  """Shows that ``after.batch_stats`` are the clean pass's, not w + eps's.
 
-  Returns the largest difference between the statistics of the clean and
-  the perturbed pass (what SAM would have stored had it kept the aux).
+  A sanity check of this example's wiring (it stores the clean pass's aux;
+  the transformation drops its own). Returns the largest difference between
+  the statistics of the clean and the perturbed pass (what would have been
+  stored had the perturbed pass's aux been kept).
   """
   clean, perturbed = reference_stats(before, x, y)
   stored = jax.tree.leaves(after.batch_stats)
