@@ -21,7 +21,6 @@ import statistics
 import sys
 
 import jax
-import jax.numpy as jnp
 import optax
 
 HERE = pathlib.Path(__file__).resolve().parent

@@ -211,7 +211,7 @@ def test_aux_is_dropped(variant):
 @each_variant
 def test_bad_input_is_a_clear_error(variant):
   grads = jax.grad(loss_fn)(PARAMS, batch=BATCH)
-  with pytest.raises(ValueError, match='rho must be >= 0'):
+  with pytest.raises(ValueError, match='rho must be a finite number >= 0'):
     variant.make(loss_fn, rho=-0.1)
   with pytest.raises(TypeError, match='rho must be a number'):
     variant.make(loss_fn, rho='big')

@@ -419,10 +419,10 @@ def test_chunks_probe_on_their_own_examples(mode):
 
 
 @pytest.mark.parametrize('kwargs, error, match', [
-    ({'rho_max': 0.0}, ValueError, 'rho_max must be > 0'),
+    ({'rho_max': 0.0}, ValueError, 'rho_max must be a finite number > 0'),
     ({'rho_max': -1.0}, ValueError, 'rho_max'),
-    ({'rho': -0.1}, ValueError, 'rho must be >= 0'),
-    ({'alpha': -1.0}, ValueError, 'alpha must be >= 0'),
+    ({'rho': -0.1}, ValueError, 'rho must be a finite number >= 0'),
+    ({'alpha': -1.0}, ValueError, 'alpha must be a finite number >= 0'),
     ({'alpha_max': 0.0}, ValueError, 'alpha_max must be a finite number > 0'),
     ({'alpha_max': lambda c: 2.0}, TypeError, 'alpha_max must be a static'),
     ({'alpha_max': '2'}, TypeError, 'alpha_max'),

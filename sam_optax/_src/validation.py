@@ -24,18 +24,30 @@ def check_loss_fn(owner: str, loss_fn: Any) -> None:
     )
 
 
-def check_hyperparameter(
-    owner: str, name: str, value: Any, *, allow_zero: bool = True
+def check_number(
+    owner: str,
+    name: str,
+    value: Any,
+    *,
+    allow_zero: bool = True,
+    allow_schedule: bool = False,
 ) -> None:
-  """A non-negative (or positive) number, a scalar array, or a schedule."""
-  if callable(value):
-    return  # An optax schedule `count -> value`, checked when evaluated.
+  """A finite scalar >= 0 (> 0 without ``allow_zero``), or a schedule.
+
+  Every scalar option of the library goes through this one check. A traced
+  value (e.g. under `optax.inject_hyperparams`) passes unchecked; a schedule
+  ``count -> value`` passes when ``allow_schedule`` and is evaluated later.
+  """
+  kind = 'a number or an optax schedule (count -> value)' if (
+      allow_schedule) else 'a number'
+  if callable(value) and allow_schedule:
+    return
   if isinstance(value, bool) or not isinstance(
       value, (numbers.Real, np.ndarray, jax.Array)
   ):
     raise TypeError(
-        f'{owner}: {name} must be a number or an optax schedule'
-        f' (count -> value), got {type(value).__name__} {value!r}.'
+        f'{owner}: {name} must be {kind}, got {type(value).__name__}'
+        f' {value!r}.'
     )
   if jnp.ndim(value) != 0:
     raise ValueError(
@@ -43,22 +55,32 @@ def check_hyperparameter(
         f' {jnp.shape(value)}.'
     )
   if not _is_concrete(value):
-    return  # Traced (e.g. under optax.inject_hyperparams): checked by user.
+    return
   number = float(value)
-  if not np.isfinite(number):
-    raise ValueError(f'{owner}: {name} must be finite, got {number}.')
-  if number < 0 or (number == 0 and not allow_zero):
+  if not np.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
     bound = '>= 0' if allow_zero else '> 0'
-    hint = ' (rho=0 gives exactly the base optimizer)' if name == 'rho' else ''
-    raise ValueError(f'{owner}: {name} must be {bound}, got {number}{hint}.')
+    hint = ' (rho=0 gives exactly the base optimizer)' if (
+        name == 'rho' and allow_zero) else ''
+    raise ValueError(
+        f'{owner}: {name} must be a finite number {bound}, got {number}{hint}.'
+    )
+
+
+def check_hyperparameter(
+    owner: str, name: str, value: Any, *, allow_zero: bool = True
+) -> None:
+  """A transformation's scalar hyperparameter: a number or a schedule."""
+  check_number(owner, name, value, allow_zero=allow_zero, allow_schedule=True)
 
 
 def check_static_int(owner: str, name: str, value: Any, minimum: int) -> int:
   if isinstance(value, jax.core.Tracer):
     raise TypeError(
-        f'{owner}: {name} must be a static Python int, got a traced value. '
-        'Under optax.inject_hyperparams, use sam_optax.inject_hyperparams, or'
-        f" pass static_args=('loss_fn', '{name}', ...)."
+        f'{owner}: {name} must be a static Python int (it sets a loop length'
+        ' or a shape), got a traced value: pass a Python int (mark it static'
+        ' under jax.jit). Under optax.inject_hyperparams, use'
+        ' sam_optax.inject_hyperparams, or pass'
+        f" static_args=('loss_fn', '{name}', ...)."
     )
   if isinstance(value, bool) or not isinstance(
       value, (numbers.Integral, np.integer, np.ndarray, jax.Array)

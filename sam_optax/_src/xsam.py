@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Callable, Hashable, NamedTuple, Optional, Sequence
 
 import jax
@@ -59,20 +58,14 @@ def alpha_grid(alpha_max: float, alpha_step: float) -> np.ndarray:
 
 def _check_static_positive(owner: str, name: str, value: Any,
                            why: str) -> float:
+  """A static number > 0 (not a schedule, not traced: ``why`` says why)."""
   if isinstance(value, jax.core.Tracer) or callable(value):
     raise TypeError(
         f'{owner}: {name} must be a static Python number ({why}), got'
         f' {value!r}.'
     )
-  if isinstance(value, bool) or not isinstance(
-      value, (numbers.Real, np.ndarray, jax.Array)
-  ) or np.ndim(value) != 0:
-    raise TypeError(f'{owner}: {name} must be a number > 0, got {value!r}.')
-  number = float(value)
-  if not np.isfinite(number) or number <= 0:
-    raise ValueError(f'{owner}: {name} must be a finite number > 0, got'
-                     f' {number}.')
-  return number
+  validation.check_number(owner, name, value, allow_zero=False)
+  return float(value)
 
 
 def _plane(ascent: pipeline.Ascent):

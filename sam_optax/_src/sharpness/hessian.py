@@ -16,6 +16,7 @@ from jax import flatten_util
 import jax.numpy as jnp
 
 from sam_optax._src import tree_math
+from sam_optax._src import validation
 from sam_optax._src.sharpness import objective as objective_lib
 
 PyTree = Any
@@ -172,9 +173,9 @@ def hessian_top_eigenvalue(
     <https://arxiv.org/abs/2010.01412>`_ (section 4.2), ICLR 2021.
   """
   owner = 'hessian_top_eigenvalue'
-  num_iterations = objective_lib.check_int(
+  num_iterations = validation.check_static_int(
       owner, 'num_iterations', num_iterations, 1)
-  objective_lib.check_nonnegative(owner, 'tolerance', tolerance)
+  validation.check_number(owner, 'tolerance', tolerance)
   op = _operator(owner, loss_fn, params, loss_kwargs, batches, has_aux)
   key = objective_lib.resolve_key(key)
   v0 = _unit(jax.random.normal(key, (op.size,), jnp.float32))
@@ -344,7 +345,7 @@ def hessian_eigenvalues(
     Density <https://arxiv.org/abs/1901.10159>`_, ICML 2019.
   """
   owner = 'hessian_eigenvalues'
-  k = objective_lib.check_int(owner, 'k', k, 1)
+  k = validation.check_static_int(owner, 'k', k, 1)
   if which not in ('largest', 'smallest', 'magnitude'):
     raise ValueError(
         f"{owner}: which must be 'largest', 'smallest' or 'magnitude', got"
@@ -359,7 +360,7 @@ def hessian_eigenvalues(
     )
   if num_iterations is None:
     num_iterations = min(n, max(4 * k, 40))
-  num_iterations = objective_lib.check_int(
+  num_iterations = validation.check_static_int(
       owner, 'num_iterations', num_iterations, k)
   if num_iterations > n:
     raise ValueError(
@@ -447,7 +448,7 @@ def hessian_trace(
     `PyHessian <https://arxiv.org/abs/1912.07145>`_, 2020.
   """
   owner = 'hessian_trace'
-  num_samples = objective_lib.check_int(owner, 'num_samples', num_samples, 1)
+  num_samples = validation.check_static_int(owner, 'num_samples', num_samples, 1)
   op = _operator(owner, loss_fn, params, loss_kwargs, batches, has_aux)
   key = objective_lib.resolve_key(key)
 
@@ -554,10 +555,10 @@ def hessian_spectral_density(
     Matrices <https://arxiv.org/abs/1308.5467>`_, SIAM Review 2016.
   """
   owner = 'hessian_spectral_density'
-  num_lanczos = objective_lib.check_int(owner, 'num_lanczos', num_lanczos, 1)
-  num_probes = objective_lib.check_int(owner, 'num_probes', num_probes, 1)
-  grid_size = objective_lib.check_int(owner, 'grid_size', grid_size, 2)
-  objective_lib.check_positive(owner, 'bandwidth', bandwidth)
+  num_lanczos = validation.check_static_int(owner, 'num_lanczos', num_lanczos, 1)
+  num_probes = validation.check_static_int(owner, 'num_probes', num_probes, 1)
+  grid_size = validation.check_static_int(owner, 'grid_size', grid_size, 2)
+  validation.check_number(owner, 'bandwidth', bandwidth, allow_zero=False)
   op = _operator(owner, loss_fn, params, loss_kwargs, batches, has_aux)
   m = min(num_lanczos, op.size)
   key = objective_lib.resolve_key(key)

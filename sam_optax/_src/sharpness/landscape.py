@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from sam_optax._src import tree_math
+from sam_optax._src import validation
 from sam_optax._src.sharpness import objective as objective_lib
 
 PyTree = Any
@@ -107,7 +108,7 @@ class Landscape2D(NamedTuple):
 
 
 def _points(owner: str, name: str, value: Any) -> int:
-  return objective_lib.check_int(owner, name, value, 2)
+  return validation.check_static_int(owner, name, value, 2)
 
 
 def _span(owner: str, span: Any) -> Span:

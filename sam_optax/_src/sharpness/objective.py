@@ -18,7 +18,6 @@ which every helper averages over data.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import jax
@@ -29,47 +28,6 @@ from sam_optax._src import tree_math
 from sam_optax._src import validation
 
 PyTree = Any
-
-
-def check_positive(owner: str, name: str, value: Any) -> None:
-  """A finite number > 0 (a radius, a scale); traced values pass unchecked."""
-  if isinstance(value, bool) or not isinstance(
-      value, (numbers.Real, np.ndarray, jax.Array)
-  ):
-    raise TypeError(
-        f'{owner}: {name} must be a positive number, got'
-        f' {type(value).__name__} {value!r}.'
-    )
-  if jnp.ndim(value) != 0:
-    raise ValueError(
-        f'{owner}: {name} must be a scalar, got an array of shape'
-        f' {jnp.shape(value)}.'
-    )
-  if isinstance(value, jax.core.Tracer):
-    return
-  number = float(value)
-  if not np.isfinite(number) or number <= 0:
-    raise ValueError(
-        f'{owner}: {name} must be a finite number > 0, got {number}. It is the'
-        ' radius (or scale) of the neighbourhood in which sharpness is'
-        f' measured: pass e.g. {name}=0.05.'
-    )
-
-
-def check_nonnegative(owner: str, name: str, value: Any) -> None:
-  if isinstance(value, jax.core.Tracer):
-    return
-  if isinstance(value, bool) or not isinstance(
-      value, (numbers.Real, np.ndarray, jax.Array)
-  ) or jnp.ndim(value) != 0 or not np.isfinite(float(value)) or float(
-      value) < 0:
-    raise ValueError(
-        f'{owner}: {name} must be a finite number >= 0, got {value!r}.'
-    )
-
-
-def check_int(owner: str, name: str, value: Any, minimum: int) -> int:
-  return validation.check_static_int(owner, name, value, minimum)
 
 
 def resolve_key(key: Optional[jax.Array]) -> jax.Array:

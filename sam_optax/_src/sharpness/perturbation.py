@@ -18,6 +18,7 @@ from sam_optax._src import asam as asam_lib
 from sam_optax._src import batching
 from sam_optax._src import sam as sam_lib
 from sam_optax._src import tree_math
+from sam_optax._src import validation
 from sam_optax._src.sharpness import objective as objective_lib
 
 PyTree = Any
@@ -48,7 +49,7 @@ def _shift(params: PyTree, delta: PyTree) -> PyTree:
 def _check_adaptive(owner: str, adaptive: Any, eta: Any) -> None:
   if not isinstance(adaptive, bool):
     raise TypeError(f'{owner}: adaptive must be a bool, got {adaptive!r}.')
-  objective_lib.check_nonnegative(owner, 'eta', eta)
+  validation.check_number(owner, 'eta', eta)
 
 
 def first_order_sharpness(
@@ -103,7 +104,7 @@ def first_order_sharpness(
     Generalization <https://arxiv.org/abs/2010.01412>`_, ICLR 2021 (eq. 2).
   """
   owner = 'first_order_sharpness'
-  objective_lib.check_positive(owner, 'rho', rho)
+  validation.check_number(owner, 'rho', rho, allow_zero=False)
   _check_adaptive(owner, adaptive, eta)
   obj = objective_lib.Objective(
       owner, loss_fn, loss_kwargs=loss_kwargs, batches=batches, has_aux=has_aux
@@ -164,7 +165,7 @@ def sam_sharpness(
     Kwon et al., `ASAM <https://arxiv.org/abs/2102.11600>`_, ICML 2021.
   """
   owner = 'sam_sharpness'
-  objective_lib.check_positive(owner, 'rho', rho)
+  validation.check_number(owner, 'rho', rho, allow_zero=False)
   _check_adaptive(owner, adaptive, eta)
   obj = objective_lib.Objective(
       owner, loss_fn, loss_kwargs=loss_kwargs, batches=batches, has_aux=has_aux
@@ -293,15 +294,15 @@ def worst_case_sharpness(
     <https://arxiv.org/abs/2003.01690>`_ (Auto-PGD), ICML 2020.
   """
   owner = 'worst_case_sharpness'
-  objective_lib.check_positive(owner, 'rho', rho)
+  validation.check_number(owner, 'rho', rho, allow_zero=False)
   _check_adaptive(owner, adaptive, eta)
   if norm not in ('l2', 'linf'):
     raise ValueError(
         f"{owner}: norm must be 'l2' or 'linf', got {norm!r}."
     )
-  num_steps = objective_lib.check_int(owner, 'num_steps', num_steps, 1)
+  num_steps = validation.check_static_int(owner, 'num_steps', num_steps, 1)
   if step_size is not None:
-    objective_lib.check_positive(owner, 'step_size', step_size)
+    validation.check_number(owner, 'step_size', step_size, allow_zero=False)
   if not isinstance(momentum, jax.core.Tracer) and not 0 < float(momentum) <= 1:
     raise ValueError(f'{owner}: momentum must be in (0, 1], got {momentum!r}.')
   obj = objective_lib.Objective(
@@ -517,9 +518,9 @@ def average_case_sharpness(
     <https://arxiv.org/abs/2302.07011>`_, ICML 2023.
   """
   owner = 'average_case_sharpness'
-  objective_lib.check_positive(owner, 'sigma', sigma)
+  validation.check_number(owner, 'sigma', sigma, allow_zero=False)
   _check_adaptive(owner, adaptive, eta)
-  num_samples = objective_lib.check_int(owner, 'num_samples', num_samples, 1)
+  num_samples = validation.check_static_int(owner, 'num_samples', num_samples, 1)
   obj = objective_lib.Objective(
       owner, loss_fn, loss_kwargs=loss_kwargs, batches=batches, has_aux=has_aux
   )
