@@ -41,7 +41,7 @@ def adaptive_scale(params, eta: jax.Array, mask: PyTree) -> PyTree:
   """T = |w| + eta on adaptive leaves, 1 on exempt leaves (float32)."""
   return jax.tree.map(
       lambda p, adaptive: (
-          jnp.abs(tree_math._wide(p)) + eta
+          jnp.abs(tree_math.wide(p)) + eta
           if adaptive
           else jnp.ones(p.shape, jnp.float32)
       ),
@@ -56,7 +56,7 @@ def adaptive_direction(owner: str, adaptive_mask: Optional[AdaptiveMask]):
   def direction(grad, params, hyperparams):
     mask = resolve_mask(owner, adaptive_mask, params)
     t = adaptive_scale(params, hyperparams['eta'], mask)
-    tg = jax.tree.map(lambda a, g: a * tree_math._wide(g), t, grad)
+    tg = jax.tree.map(lambda a, g: a * tree_math.wide(g), t, grad)
     inverse_norm = tree_math.safe_inverse(tree_math.tree_norm(tg))
     return jax.tree.map(lambda a, x: inverse_norm * a * x, t, tg)
 

@@ -237,7 +237,7 @@ def over_chunks(
     def body(total, slices):
       averaged, stacked = fn(rebuild(slices))
       total = jax.tree.map(
-          lambda t, a: t + tree_math._wide(a).astype(t.dtype), total, averaged
+          lambda t, a: t + tree_math.wide(a).astype(t.dtype), total, averaged
       )
       return total, stacked
 
@@ -248,7 +248,7 @@ def over_chunks(
     if isinstance(mode, MeshChunks):
       averaged, stacked = mode.constrain((averaged, stacked))
     total = jax.tree.map(
-        lambda a: jnp.sum(tree_math._wide(a), axis=0), averaged
+        lambda a: jnp.sum(tree_math.wide(a), axis=0), averaged
     )
   mean = jax.tree.map(lambda t: t / chunks, total)
   return mean, stacked

@@ -34,7 +34,7 @@ def normalized_direction(grad, params, hyperparams):
   del params, hyperparams
   return tree_math.tree_scale(
       tree_math.safe_inverse(tree_math.tree_norm(grad)),
-      jax.tree.map(tree_math._wide, grad),
+      jax.tree.map(tree_math.wide, grad),
   )
 
 

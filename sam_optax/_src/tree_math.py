@@ -17,7 +17,7 @@ PyTree = Any
 ACCUMULATION_DTYPE = jnp.float32
 
 
-def _wide(x: jax.Array) -> jax.Array:
+def wide(x: jax.Array) -> jax.Array:
   """Casts to float32 unless the array is already at least as wide."""
   if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits >= 32:
     return x
@@ -27,13 +27,13 @@ def _wide(x: jax.Array) -> jax.Array:
 def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
   """<a, b> over all leaves, accumulated in float32 (or wider)."""
   parts = jax.tree.leaves(
-      jax.tree.map(lambda x, y: jnp.vdot(_wide(x), _wide(y)).real, a, b)
+      jax.tree.map(lambda x, y: jnp.vdot(wide(x), wide(y)).real, a, b)
   )
   return sum(parts, start=jnp.zeros([], ACCUMULATION_DTYPE))
 
 
 def tree_sum_of_squares(a: PyTree) -> jax.Array:
-  parts = [jnp.sum(jnp.square(_wide(x))) for x in jax.tree.leaves(a)]
+  parts = [jnp.sum(jnp.square(wide(x))) for x in jax.tree.leaves(a)]
   return sum(parts, start=jnp.zeros([], ACCUMULATION_DTYPE))
 
 
@@ -56,19 +56,19 @@ def safe_cosine(a: PyTree, b: PyTree) -> jax.Array:
 
 def tree_scale(scalar: jax.Array, a: PyTree) -> PyTree:
   """scalar * a, computed in float32 and cast back to each leaf's dtype."""
-  return jax.tree.map(lambda x: (scalar * _wide(x)).astype(x.dtype), a)
+  return jax.tree.map(lambda x: (scalar * wide(x)).astype(x.dtype), a)
 
 
 def tree_add_scaled(a: PyTree, scalar: jax.Array, b: PyTree) -> PyTree:
   """a + scalar * b, computed in float32, with a's dtypes."""
   return jax.tree.map(
-      lambda x, y: (_wide(x) + scalar * _wide(y)).astype(x.dtype), a, b
+      lambda x, y: (wide(x) + scalar * wide(y)).astype(x.dtype), a, b
   )
 
 
 def tree_sub(a: PyTree, b: PyTree) -> PyTree:
   """a - b in float32 (a's dtypes are kept for the result in float32)."""
-  return jax.tree.map(lambda x, y: _wide(x) - _wide(y), a, b)
+  return jax.tree.map(lambda x, y: wide(x) - wide(y), a, b)
 
 
 def tree_select(pred: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:

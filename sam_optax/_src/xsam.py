@@ -74,7 +74,7 @@ def _plane(ascent: pipeline.Ascent):
   v0 = tree_math.tree_scale(
       tree_math.safe_inverse(tree_math.tree_norm(displacement)), displacement
   )
-  grad_k = jax.tree.map(tree_math._wide, ascent.perturbed_grad)
+  grad_k = jax.tree.map(tree_math.wide, ascent.perturbed_grad)
   grad_k_norm = tree_math.tree_norm(grad_k)
   # <v0, v1> with v1 = g_k / ||g_k||; clipped so that rounding past +-1 never
   # reaches arccos as a NaN.
@@ -132,7 +132,7 @@ def _combine(grid: np.ndarray, probe_every: Optional[int],
           c0, c1 = _slerp_coefficients(a, theta)
           point = jax.tree.map(
               lambda p, x, y: (
-                  tree_math._wide(p) + rho_max * (c0 * x + c1 * y)
+                  tree_math.wide(p) + rho_max * (c0 * x + c1 * y)
               ).astype(p.dtype),
               params, v0, unit_k,
           )

@@ -65,7 +65,7 @@ def filter_normalized_direction(
   keys = jax.random.split(key, max(len(leaves), 1))
   out = []
   for k, p in zip(keys, leaves):
-    p = tree_math._wide(jnp.asarray(p))
+    p = tree_math.wide(jnp.asarray(p))
     if p.ndim <= 1:
       out.append(jnp.zeros(p.shape, jnp.float32) if ignore_1d
                  else p.astype(jnp.float32))
@@ -223,7 +223,7 @@ def loss_landscape_1d(
     default_span = (-0.5, 1.5)
   elif direction is not None:
     _check_like(owner, 'direction', direction, params)
-    d = jax.tree.map(tree_math._wide, direction)
+    d = jax.tree.map(tree_math.wide, direction)
     default_span = (-1.0, 1.0)
   else:
     d = filter_normalized_direction(
@@ -320,13 +320,13 @@ def loss_landscape_2d(
       raise ValueError(f'{owner}: directions must be a pair (d1, d2).')
     for name, d in zip(('directions[0]', 'directions[1]'), directions):
       _check_like(owner, name, d, params)
-    d1, d2 = (jax.tree.map(tree_math._wide, d) for d in directions)
+    d1, d2 = (jax.tree.map(tree_math.wide, d) for d in directions)
   alphas, betas = _grid(span_x, nx), _grid(span_y, ny)
   bb, aa = jnp.meshgrid(betas, alphas, indexing='ij')
 
   def at(point):
     a, b = point
-    shifted = jax.tree.map(lambda p, x, y: (tree_math._wide(p) + a * x + b * y)
+    shifted = jax.tree.map(lambda p, x, y: (tree_math.wide(p) + a * x + b * y)
                            .astype(p.dtype), params, d1, d2)
     return obj.loss(shifted)
 

@@ -35,7 +35,7 @@ def _scale(params: PyTree, adaptive: bool, eta) -> Optional[PyTree]:
 
 def _apply_scale(scale: Optional[PyTree], tree: PyTree) -> PyTree:
   """T * tree in float32 (tree itself, widened, when T is the identity)."""
-  wide = jax.tree.map(tree_math._wide, tree)
+  wide = jax.tree.map(tree_math.wide, tree)
   if scale is None:
     return wide
   return jax.tree.map(lambda t, x: t * x, scale, wide)
