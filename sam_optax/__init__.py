@@ -6,22 +6,26 @@ Sharpness-aware training is a one-line change to an optax optimizer::
   updates, opt_state = tx.update(grads, opt_state, params, batch=batch)
 """
 
-from sam_optax._src.asam import asam
-from sam_optax._src.devices import MeshChunks
-from sam_optax._src.devices import chunked_value_and_grad
-from sam_optax._src.devices import mesh_chunks
-from sam_optax._src.devices import shard_batch
-from sam_optax._src.inject import inject_hyperparams
-from sam_optax._src.sam import SAMState
-from sam_optax._src.sam import sam
-from sam_optax._src.xsam import XSAMState
-from sam_optax._src.xsam import xsam
+from sam_optax._src.core.accumulation import chunked_value_and_grad
+from sam_optax._src.core.inject import inject_hyperparams
+from sam_optax._src.core.mesh import MeshChunks
+from sam_optax._src.core.mesh import mesh_chunks
+from sam_optax._src.core.mesh import shard_batch
+from sam_optax._src.pipeline.layouts import Chunks
+from sam_optax._src.pipeline.layouts import PerDevice
+from sam_optax._src.variants.asam import asam
+from sam_optax._src.variants.sam import SAMState
+from sam_optax._src.variants.sam import sam
+from sam_optax._src.variants.xsam import XSAMState
+from sam_optax._src.variants.xsam import xsam
 from sam_optax import sharpness
 
 __version__ = '0.1.0'
 
 __all__ = (
+    'Chunks',
     'MeshChunks',
+    'PerDevice',
     'SAMState',
     'XSAMState',
     'asam',

@@ -4,7 +4,7 @@ Usage: python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT.npz
 
 Every process holds one CPU device. The processes join JAX's distributed
 runtime on localhost, build a mesh over all their devices, and train a tiny
-model for a few steps with `sam(..., axis_name='d')` inside `jax.shard_map`:
+model for a few steps with `sam(..., layout=PerDevice('d'))` inside `jax.shard_map`:
 each process perturbs with the gradient of its own half of the batch, and the
 averaged gradient updates the (replicated) parameters. The final parameters
 are written to OUT.npz.
@@ -65,7 +65,7 @@ def main(argv):
   mesh = jax.make_mesh((jax.device_count(),), ('d',))
   replicated = NamedSharding(mesh, P())
   split = NamedSharding(mesh, P('d'))
-  tx = optax.chain(sam_optax.sam(loss_fn, RHO, axis_name='d'),
+  tx = optax.chain(sam_optax.sam(loss_fn, RHO, layout=sam_optax.PerDevice('d')),
                    optax.sgd(LEARNING_RATE))
 
   def step(params, state, x, y):

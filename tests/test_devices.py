@@ -5,6 +5,7 @@ Every numerical check compares against a hand-written SAM / ASAM gradient
 never against the transformation under test.
 """
 
+import inspect
 import re
 
 import jax
@@ -114,10 +115,11 @@ def run_shard_map(tx):
 @pytest.mark.parametrize('variant', ['sam', 'asam'])
 def test_shard_map_is_mean_of_per_device_sam(variant):
   if variant == 'sam':
-    tx = sam_optax.sam(loss_fn, RHO, axis_name='d')
+    tx = sam_optax.sam(loss_fn, RHO, layout=sam_optax.PerDevice('d'))
     eta = None
   else:
-    tx = sam_optax.asam(loss_fn, RHO, eta=0.1, axis_name='d')
+    tx = sam_optax.asam(loss_fn, RHO, eta=0.1,
+                        layout=sam_optax.PerDevice('d'))
     eta = 0.1
   out, state = run_shard_map(tx)
   refs = [reference_sam(PARAMS, x, y, eta=eta) for x, y in shards(DEVICES)]
@@ -131,7 +133,8 @@ def test_shard_map_is_mean_of_per_device_sam(variant):
 
 
 def test_pmap_is_mean_of_per_device_sam():
-  tx = sam_optax.sam(loss_fn, RHO, axis_name='i', ascent_steps=2)
+  tx = sam_optax.sam(loss_fn, RHO, layout=sam_optax.PerDevice('i'),
+                     ascent_steps=2)
   state = tx.init(PARAMS)
 
   def step(params, state, x, y):
@@ -150,7 +153,7 @@ def test_pmap_is_mean_of_per_device_sam():
 
 
 def test_synced_perturbation_is_full_batch_sam():
-  tx = sam_optax.sam(loss_fn, RHO, axis_name='d', sync_perturbation=True,
+  tx = sam_optax.sam(loss_fn, RHO, layout=sam_optax.PerDevice('d', sync=True),
                      ascent_steps=2)
   out, state = run_shard_map(tx)
   expected, loss = reference_sam(PARAMS, X, Y, steps=2)
@@ -160,12 +163,23 @@ def test_synced_perturbation_is_full_batch_sam():
   norm = np.sqrt(sum(float(jnp.sum(g ** 2)) for g in jax.tree.leaves(
       full_grad)))
   np.testing.assert_allclose(state.grad_norm, norm, rtol=1e-5)
+  # Global SAM reports what SAM on one device reports for the same batch:
+  # the cosine between the global g0 and the global gradient handed on.
+  one = sam_optax.sam(loss_fn, RHO, ascent_steps=2)
+  _, one_state = one.update(full_grad, one.init(PARAMS), PARAMS, x=X, y=Y)
+  cosine = sum(float(jnp.vdot(a, b)) for a, b in zip(
+      jax.tree.leaves(full_grad), jax.tree.leaves(expected))) / (
+          norm * np.sqrt(sum(float(jnp.sum(g ** 2))
+                             for g in jax.tree.leaves(expected))))
+  np.testing.assert_allclose(state.cosine, cosine, rtol=1e-5)
+  np.testing.assert_allclose(state.cosine, one_state.cosine, rtol=1e-5)
+  np.testing.assert_allclose(state.grad_norm, one_state.grad_norm, rtol=1e-5)
 
 
 def test_pmap_groups_sync_inside_groups():
   groups = [[0, 1], [2, 3], [4, 5], [6, 7]]
-  tx = sam_optax.sam(loss_fn, RHO, axis_name='i', sync_perturbation=True,
-                     axis_index_groups=groups)
+  tx = sam_optax.sam(
+      loss_fn, RHO, layout=sam_optax.PerDevice('i', sync=True, groups=groups))
   state = tx.init(PARAMS)
 
   def step(params, state, x, y):
@@ -182,14 +196,14 @@ def test_pmap_groups_sync_inside_groups():
 def test_xsam_per_device():
   # With the probe off and alpha=1, XSAM is SAM: mean of per-device SAM.
   tx = sam_optax.xsam(loss_fn, RHO, probe_every=None, alpha=1.0,
-                      axis_name='d')
+                      layout=sam_optax.PerDevice('d'))
   out, _ = run_shard_map(tx)
   expected = tree_mean(
       [reference_sam(PARAMS, x, y)[0] for x, y in shards(DEVICES)])
   assert_close(out, expected)
   # With the probe on, alpha agrees across devices (replicated out_specs).
   tx = sam_optax.xsam(loss_fn, RHO, rho_max=0.5, probe_every=1,
-                      alpha_step=0.5, axis_name='d')
+                      alpha_step=0.5, layout=sam_optax.PerDevice('d'))
   _, state = run_shard_map(tx)
   assert 0.0 <= float(state.alpha) <= 2.0
   assert np.all(np.isfinite(np.asarray(state.probe_losses)))
@@ -204,9 +218,10 @@ def count_all_reduces(fn, *args):
 
 def test_all_reduce_count_matches_data_parallel_sgd():
   sgd = optax.sgd(0.1)
-  tx_sam = optax.chain(sam_optax.sam(loss_fn, RHO, axis_name='d'), sgd)
+  tx_sam = optax.chain(sam_optax.sam(loss_fn, RHO, layout=sam_optax.PerDevice('d')), sgd)
   tx_sync = optax.chain(
-      sam_optax.sam(loss_fn, RHO, axis_name='d', sync_perturbation=True), sgd)
+      sam_optax.sam(loss_fn, RHO,
+                    layout=sam_optax.PerDevice('d', sync=True)), sgd)
 
   def sgd_step(params, state, x, y):
     grads = jax.lax.pmean(jax.grad(loss_fn)(local(params), x, y), 'd')
@@ -237,7 +252,7 @@ def test_all_reduce_count_matches_data_parallel_sgd():
   assert counts['sync'] == counts['sam'] + 1, counts
 
   # The same under pmap.
-  tx_pmap = optax.chain(sam_optax.sam(loss_fn, RHO, axis_name='i'), sgd)
+  tx_pmap = optax.chain(sam_optax.sam(loss_fn, RHO, layout=sam_optax.PerDevice('i')), sgd)
 
   def pmap_sgd(params, state, x, y):
     grads = jax.lax.pmean(jax.grad(loss_fn)(params, x, y), 'i')
@@ -272,29 +287,39 @@ def chunk_reference(x, y, m):
 
 @pytest.mark.parametrize('mode', ['sequential', 'vectorized'])
 def test_chunks_equal_per_chunk_reference(mode):
-  tx = sam_optax.sam(loss_fn, RHO, chunk_size=CHUNK, chunk_mode=mode)
+  tx = sam_optax.sam(loss_fn, RHO, layout=sam_optax.Chunks(CHUNK, mode=mode))
   grads = jax.grad(loss_fn)(PARAMS, X, Y)
   out, state = jax.jit(tx.update)(grads, tx.init(PARAMS), PARAMS, x=X, y=Y)
   assert_close(out, chunk_reference(X, Y, CHUNK))
-  # Diagnostics: ||g0|| is the incoming full-batch gradient's norm.
-  norm = np.sqrt(sum(float(jnp.sum(g ** 2)) for g in jax.tree.leaves(grads)))
-  np.testing.assert_allclose(state.grad_norm, norm, rtol=1e-5)
+  # Diagnostics are per perturbation group (here a chunk), then averaged:
+  # ||g0_c|| and cos(g0_c, g_c) of each chunk's own gradients.
+  norms, cosines = [], []
+  for i in range(BATCH // CHUNK):
+    x, y = X[i * CHUNK:(i + 1) * CHUNK], Y[i * CHUNK:(i + 1) * CHUNK]
+    g0 = np.concatenate([np.ravel(g) for g in jax.tree.leaves(
+        jax.grad(loss_fn)(PARAMS, x, y))])
+    g1 = np.concatenate([np.ravel(g) for g in jax.tree.leaves(
+        reference_sam(PARAMS, x, y)[0])])
+    norms.append(np.linalg.norm(g0))
+    cosines.append(g0 @ g1 / (np.linalg.norm(g0) * np.linalg.norm(g1)))
+  np.testing.assert_allclose(state.grad_norm, np.mean(norms), rtol=1e-5)
+  np.testing.assert_allclose(state.cosine, np.mean(cosines), rtol=1e-5)
 
 
 @pytest.mark.parametrize('axis_type, mode', [('Explicit', 'sequential'),
                                               ('Auto', 'vectorized')])
 def test_chunks_inside_shard_map_and_on_a_mesh_agree(axis_type, mode):
   # Per device: 8 examples in chunks of 4 -> 16 perturbations in all.
-  tx = sam_optax.sam(loss_fn, RHO, axis_name='d', chunk_size=4,
-                     chunk_mode=mode)
+  tx = sam_optax.sam(loss_fn, RHO, layout=sam_optax.PerDevice(
+      'd', chunks=sam_optax.Chunks(4, mode=mode)))
   expected = chunk_reference(X, Y, 4)
   via_shard_map, _ = run_shard_map(tx)
   assert_close(via_shard_map, expected)
   # Plain jit, batch sharded over the mesh, chunks laid over its data axis.
   mesh = jax.make_mesh((DEVICES,), ('d',), axis_types=(
       getattr(jax.sharding.AxisType, axis_type),))
-  tx = sam_optax.sam(loss_fn, RHO, chunk_size=4,
-                     chunk_mode=sam_optax.mesh_chunks(mesh, 'd'))
+  tx = sam_optax.sam(loss_fn, RHO, layout=sam_optax.Chunks(
+      4, mode=sam_optax.mesh_chunks(mesh, 'd')))
   batch = sam_optax.shard_batch({'x': X, 'y': Y}, mesh, 'd')
   params = jax.device_put(PARAMS, NamedSharding(mesh, P()))
 
@@ -318,7 +343,7 @@ def test_shared_perturbation_is_full_batch_sam():
   loss, grads = jax.jit(vg)(PARAMS, x=X, y=Y)
   np.testing.assert_allclose(loss, loss_fn(PARAMS, X, Y), rtol=1e-5)
   assert_close(grads, jax.grad(loss_fn)(PARAMS, X, Y))
-  tx = sam_optax.sam(loss_fn, RHO, chunk_size=CHUNK, shared_perturbation=True,
+  tx = sam_optax.sam(loss_fn, RHO, layout=sam_optax.Chunks(CHUNK, shared=True),
                      ascent_steps=2)
   out, state = jax.jit(tx.update)(grads, tx.init(PARAMS), PARAMS, x=X, y=Y)
   expected, perturbed_loss = reference_sam(PARAMS, X, Y, steps=2)
@@ -326,31 +351,42 @@ def test_shared_perturbation_is_full_batch_sam():
   np.testing.assert_allclose(state.perturbed_loss, perturbed_loss, rtol=1e-5)
 
 
-def test_xsam_chunk_state_is_mean_over_chunks():
-  tx = sam_optax.xsam(loss_fn, RHO, rho_max=0.5, probe_every=1,
-                      alpha_step=0.5, chunk_size=32, chunk_mode='vectorized')
+@pytest.mark.parametrize('mode', ['sequential', 'vectorized'])
+def test_xsam_chooses_alpha_once_and_chunks_agree_with_devices(mode):
+  kwargs = dict(rho_max=0.5, probe_every=1, alpha_step=0.25)
+  m = BATCH // DEVICES
+  tx = sam_optax.xsam(loss_fn, RHO, layout=sam_optax.Chunks(m, mode=mode),
+                      **kwargs)
   grads = jax.grad(loss_fn)(PARAMS, X, Y)
-  _, state = jax.jit(tx.update)(grads, tx.init(PARAMS), PARAMS, x=X, y=Y)
-  # Each chunk probes alone; a per-chunk xsam on each half gives its alpha.
-  single = sam_optax.xsam(loss_fn, RHO, rho_max=0.5, probe_every=1,
-                          alpha_step=0.5)
-  alphas, losses = [], []
-  for i in range(2):
-    x, y = X[32 * i:32 * (i + 1)], Y[32 * i:32 * (i + 1)]
+  out, state = jax.jit(tx.update)(grads, tx.init(PARAMS), PARAMS, x=X, y=Y)
+  # Each chunk alone would probe its own losses; alpha comes from their mean.
+  single = sam_optax.xsam(loss_fn, RHO, **kwargs)
+  losses = []
+  for x, y in shards(DEVICES):
     g = jax.grad(loss_fn)(PARAMS, x, y)
-    _, s = single.update(g, single.init(PARAMS), PARAMS, x=x, y=y)
-    alphas.append(float(s.alpha))
-    losses.append(np.asarray(s.probe_losses))
-  np.testing.assert_allclose(state.alpha, np.mean(alphas), rtol=1e-6)
-  np.testing.assert_allclose(state.probe_losses, np.mean(losses, axis=0),
-                             rtol=1e-5)
+    losses.append(np.asarray(
+        single.update(g, single.init(PARAMS), PARAMS, x=x, y=y)[1]
+        .probe_losses))
+  mean = np.mean(losses, axis=0)
+  grid = np.arange(len(mean)) * 0.25
+  np.testing.assert_allclose(state.probe_losses, mean, rtol=1e-5)
+  assert float(state.alpha) == grid[np.argmax(mean)]  # on the grid
+  # The same m-sharpness step laid out per device: same alpha, same update.
+  per_device = sam_optax.xsam(loss_fn, RHO, layout=sam_optax.PerDevice('d'),
+                              **kwargs)
+  dev_out, dev_state = run_shard_map(per_device)
+  assert float(dev_state.alpha) == float(state.alpha)
+  assert_close(dev_out, out)
+  for field in ('perturbed_loss', 'grad_norm', 'cosine'):
+    np.testing.assert_allclose(getattr(dev_state, field),
+                               getattr(state, field), rtol=1e-5)
 
 
 # ----------------------------------------------------------------- errors --
 
 
 def test_uneven_batch_names_both_sizes():
-  tx = sam_optax.sam(loss_fn, RHO, chunk_size=12)
+  tx = sam_optax.sam(loss_fn, RHO, layout=sam_optax.Chunks(12))
   grads = jax.grad(loss_fn)(PARAMS, X, Y)
   with pytest.raises(ValueError, match=r'batch of 64 examples.*m=12'):
     tx.update(grads, tx.init(PARAMS), PARAMS, x=X, y=Y)
@@ -360,7 +396,7 @@ def test_raw_key_with_chunks_says_to_pass_a_typed_key():
   def noisy_loss(params, x, y, key):
     return loss_fn(params, x, y) + 0.0 * jax.random.uniform(key)
 
-  tx = sam_optax.sam(noisy_loss, RHO, chunk_size=16)
+  tx = sam_optax.sam(noisy_loss, RHO, layout=sam_optax.Chunks(16))
   grads = jax.grad(loss_fn)(PARAMS, X, Y)
   with pytest.raises(ValueError, match=r'disagree.*jax.random.key'):
     tx.update(grads, tx.init(PARAMS), PARAMS, x=X, y=Y,
@@ -368,43 +404,63 @@ def test_raw_key_with_chunks_says_to_pass_a_typed_key():
   # A typed key is a scalar: it goes to every chunk.
   out, _ = tx.update(grads, tx.init(PARAMS), PARAMS, x=X, y=Y,
                      key=jax.random.key(0))
-  want, _ = sam_optax.sam(loss_fn, RHO, chunk_size=16).update(
+  want, _ = sam_optax.sam(loss_fn, RHO, layout=sam_optax.Chunks(16)).update(
       grads, tx.init(PARAMS), PARAMS, x=X, y=Y)
   assert_close(out, want)
 
 
 def test_mesh_chunks_must_lay_evenly():
-  tx = sam_optax.sam(loss_fn, RHO, chunk_size=16,
-                     chunk_mode=sam_optax.mesh_chunks(MESH, 'd'))
+  tx = sam_optax.sam(loss_fn, RHO, layout=sam_optax.Chunks(
+      16, mode=sam_optax.mesh_chunks(MESH, 'd')))
   grads = jax.grad(loss_fn)(PARAMS, X, Y)
-  with pytest.raises(ValueError, match=r'4 chunks of m=16.*8 devices'):
+  with pytest.raises(ValueError, match=r'4 chunks.*8 devices'):
     tx.update(grads, tx.init(PARAMS), PARAMS, x=X, y=Y)
 
 
-@pytest.mark.parametrize('kwargs, message', [
-    (dict(sync_perturbation=True), 'needs axis_name'),
-    (dict(axis_name='d', axis_index_groups=[[0, 1]]),
-     'needs sync_perturbation'),
-    (dict(axis_name='d', sync_perturbation=True,
-          axis_index_groups=[[0, 1], [1, 2]]), 'disjoint groups'),
-    (dict(chunk_mode='vectorized'), 'without chunk_size'),
-    (dict(chunk_mode='parallel', chunk_size=4), "chunk_mode must be"),
-    (dict(shared_perturbation=True), 'pass chunk_size'),
-    (dict(chunk_size=0), 'chunk_size must be an int >= 1'),
-    (dict(axis_name='d', sync_perturbation=True, chunk_size=4),
-     'shared_perturbation=True for global SAM'),
-    (dict(axis_name='d', chunk_size=4,
-          chunk_mode=sam_optax.mesh_chunks(MESH, 'd')), 'plain jax.jit'),
-    (dict(axis_name=['d']), 'hashable'),
+@pytest.mark.parametrize('build, message', [
+    (lambda: sam_optax.PerDevice('d', groups=[[0, 1]]), 'needs sync=True'),
+    (lambda: sam_optax.PerDevice('d', sync=True, groups=[[0, 1], [1, 2]]),
+     'disjoint groups'),
+    (lambda: sam_optax.PerDevice('d', sync='yes'), 'sync must be True or'),
+    (lambda: sam_optax.PerDevice('d', chunks=4), 'must be a sam_optax.Chunks'),
+    (lambda: sam_optax.PerDevice('d', sync=True,
+                                 chunks=sam_optax.Chunks(4)),
+     'Chunks\\(m, shared=True\\) for global SAM'),
+    (lambda: sam_optax.PerDevice('d', chunks=sam_optax.Chunks(
+        4, mode=sam_optax.mesh_chunks(MESH, 'd'))), 'plain jax.jit'),
+    (lambda: sam_optax.PerDevice({'d': 1}), 'hashable'),
+    (lambda: sam_optax.Chunks(4, mode='parallel'), 'mode must be'),
+    (lambda: sam_optax.Chunks(0), 'm must be an int >= 1'),
+    (lambda: sam_optax.Chunks(2.5), 'm must be an int >= 1'),
+    (lambda: sam_optax.Chunks(4, shared=1), 'shared must be True or'),
+    (lambda: sam_optax.Chunks(4, batch_argnames=[1]), 'batch_argnames'),
+    (lambda: sam_optax.sam(loss_fn, layout='per-device'),
+     'layout must be None'),
 ])
-def test_bad_options_fail_at_construction(kwargs, message):
+def test_bad_layouts_fail_at_construction(build, message):
+  with pytest.raises((ValueError, TypeError), match=message):
+    build()
+
+
+def test_layouts_read_like_the_call():
+  assert repr(sam_optax.PerDevice('d', sync=True)) == (
+      "PerDevice('d', sync=True)")
+  assert repr(sam_optax.PerDevice('d', chunks=sam_optax.Chunks(
+      4, mode='vectorized'))) == "PerDevice('d', chunks=Chunks(4, mode="\
+          "'vectorized'))"
+  assert sam_optax.Chunks(8) == sam_optax.Chunks(8)  # frozen, comparable
+  with pytest.raises(Exception):
+    sam_optax.Chunks(8).m = 4
   for factory in (sam_optax.sam, sam_optax.asam, sam_optax.xsam):
-    with pytest.raises((ValueError, TypeError), match=message):
-      factory(loss_fn, **kwargs)
+    parameters = inspect.signature(factory).parameters
+    assert 'layout' in parameters
+    for old in ('axis_name', 'sync_perturbation', 'axis_index_groups',
+                'chunk_size', 'chunk_mode', 'shared_perturbation'):
+      assert old not in parameters
 
 
 def test_summed_gradient_inside_shard_map_is_an_error():
-  tx = sam_optax.sam(loss_fn, RHO, axis_name='d')
+  tx = sam_optax.sam(loss_fn, RHO, layout=sam_optax.PerDevice('d'))
 
   def step(params, state, x, y):
     grads = jax.grad(loss_fn)(params, x, y)  # summed over the devices

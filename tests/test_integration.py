@@ -98,17 +98,20 @@ def test_linen_batchnorm_statistics_come_from_the_clean_pass():
     return optax.apply_updates(params, updates), new_stats, state
 
   new_params, new_stats, state = train_step(params, stats, state, X, Y)
-  # Running statistics: exactly those of the clean pass at w.
+  # Running statistics: those of the clean pass at w. The jitted step and the
+  # eager apply are two compiled programs, so they agree to rounding (1e-5);
+  # the perturbed pass's statistics, checked next, differ by ~1e-2.
   _, clean = model.apply({'params': params, 'batch_stats': stats}, X,
                          train=True, mutable=['batch_stats'])
-  assert tree_allclose(new_stats, clean['batch_stats'], atol=0, rtol=0)
+  assert tree_allclose(new_stats, clean['batch_stats'], atol=1e-7, rtol=1e-5)
   # ... and not those of the perturbed pass at w + eps.
   g0 = jax.grad(lambda p: loss_fn(p, stats, X, Y)[0])(params)
   norm = jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(g0)))
   perturbed = jax.tree.map(lambda p, g: p + RHO * g / norm, params, g0)
   _, dirty = model.apply({'params': perturbed, 'batch_stats': stats}, X,
                          train=True, mutable=['batch_stats'])
-  assert not tree_allclose(new_stats, dirty['batch_stats'], atol=1e-6)
+  assert not tree_allclose(new_stats, dirty['batch_stats'], atol=1e-4,
+                          rtol=1e-4)
   # The update is the gradient at w + eps (with the same batch statistics).
   g = jax.grad(lambda p: loss_fn(p, stats, X, Y)[0])(perturbed)
   assert tree_allclose(new_params,

@@ -3,7 +3,7 @@
 `tests/multihost_worker.py` is started twice; the processes join JAX's own
 distributed runtime (`jax.distributed.initialize` on localhost, gloo CPU
 collectives), each perturbs with the gradient of its half of the batch
-(``sam(..., axis_name='d')`` in `jax.shard_map` over the global mesh), and
+(``sam(..., layout=PerDevice('d'))`` in `jax.shard_map` over the global mesh), and
 both must end with bit-identical parameters equal to a single-process
 reference written out by hand here.
 """

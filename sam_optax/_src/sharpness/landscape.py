@@ -7,8 +7,8 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Seque
 import jax
 import jax.numpy as jnp
 
-from sam_optax._src import tree_math
-from sam_optax._src import validation
+from sam_optax._src.core import tree_math
+from sam_optax._src.core import validation
 from sam_optax._src.sharpness import objective as objective_lib
 
 PyTree = Any

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sam_optax._src import tree_math
-from sam_optax._src import validation
+from sam_optax._src.core import tree_math
+from sam_optax._src.core import validation
 
 PyTree = Any
 

@@ -14,11 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sam_optax._src import asam as asam_lib
-from sam_optax._src import batching
-from sam_optax._src import sam as sam_lib
-from sam_optax._src import tree_math
-from sam_optax._src import validation
+from sam_optax._src.core import batching
+from sam_optax._src.core import directions
+from sam_optax._src.core import tree_math
+from sam_optax._src.core import validation
 from sam_optax._src.sharpness import objective as objective_lib
 
 PyTree = Any
@@ -30,7 +29,8 @@ def _scale(params: PyTree, adaptive: bool, eta) -> Optional[PyTree]:
   if not adaptive:
     return None
   mask = jax.tree.map(lambda _: True, params)
-  return asam_lib.adaptive_scale(params, jnp.asarray(eta, jnp.float32), mask)
+  return directions.adaptive_scale(params, jnp.asarray(eta, jnp.float32),
+                                   mask)
 
 
 def _apply_scale(scale: Optional[PyTree], tree: PyTree) -> PyTree:
@@ -172,11 +172,10 @@ def sam_sharpness(
   )
   loss, grad = obj.value_and_grad(params)
   if adaptive:
-    direction = asam_lib.adaptive_direction(owner, None)(
-        grad, params, {'eta': jnp.asarray(eta, jnp.float32)}
-    )
+    direction = directions.adaptive_direction(
+        grad, _scale(params, True, eta))
   else:
-    direction = sam_lib.normalized_direction(grad, params, {})
+    direction = directions.normalized_direction(grad)
   epsilon = tree_math.tree_scale(jnp.asarray(rho, jnp.float32), direction)
   return obj.loss(_shift(params, epsilon)) - loss
 
@@ -650,7 +649,7 @@ def m_sharpness(
           f'{owner}: m-sharpness splits a batch into chunks of m examples, so'
           ' it needs the batch: pass loss_kwargs={...} (or batches=[...]).'
       )
-    split = batching.split_into_chunks(owner, loss_kwargs, m)
+    split, _, _ = batching.split_into_chunks(owner, loss_kwargs, m)
     common: dict[str, Any] = {}
   else:
     stacked, _ = objective_lib.stack_batches(owner, batches)

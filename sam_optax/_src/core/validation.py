@@ -24,6 +24,11 @@ def check_loss_fn(owner: str, loss_fn: Any) -> None:
     )
 
 
+def check_bool(owner: str, name: str, value: Any) -> None:
+  if not isinstance(value, bool):
+    raise TypeError(f'{owner}: {name} must be True or False, got {value!r}.')
+
+
 def check_number(
     owner: str,
     name: str,

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import jax.numpy as jnp
 import optax
 
-# Arguments of sam_optax factories that are floats a user may anneal or set
-# from outside; everything else (the loss function, step counts, masks,
-# flags, axis names) is structural and must stay static.
-ANNEALABLE = frozenset({'rho', 'eta', 'rho_max', 'alpha'})
+
+
+def annealable(factory: Callable[..., Any]) -> frozenset:
+  """The factory's arguments that take a number or a schedule.
+
+  They are the ones annotated ``ScalarOrSchedule``; everything else (the
+  loss function, step counts, masks, flags, the layout) is structural and
+  stays static.
+  """
+  return frozenset(
+      name for name, p in inspect.signature(factory).parameters.items()
+      if 'ScalarOrSchedule' in str(p.annotation))
 
 
 def inject_hyperparams(
@@ -23,10 +31,11 @@ def inject_hyperparams(
 
   Plain `optax.inject_hyperparams` treats every callable argument as a
   schedule and every int as an array, which would turn ``loss_fn`` into a
-  schedule and ``ascent_steps`` into a traced value. This wrapper keeps every
-  argument other than the annealable floats (``rho``, ``eta``, ``rho_max``,
-  ``alpha``) static, so they can be read and set in
-  ``state.hyperparams``.
+  schedule (optax calls it with the step count, inside your loss) and
+  ``ascent_steps`` into a traced value. This wrapper keeps every argument
+  static except the annealable ones (those that take a number or a schedule:
+  ``rho``, ``eta``, ``rho_max``, ``alpha``, ...), which can then be read and
+  set in ``state.hyperparams``.
 
   Examples:
     >>> import jax.numpy as jnp, optax, sam_optax
@@ -43,7 +52,7 @@ def inject_hyperparams(
       static_args
   )
   parameters = inspect.signature(factory).parameters
-  static_args |= {name for name in parameters if name not in ANNEALABLE}
+  static_args |= set(parameters) - annealable(factory)
   return optax.inject_hyperparams(
       factory, static_args=static_args, hyperparam_dtype=hyperparam_dtype
   )

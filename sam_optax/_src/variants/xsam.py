@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Hashable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from sam_optax._src import devices
-from sam_optax._src import pipeline
-from sam_optax._src import sam as sam_lib
-from sam_optax._src import tree_math
-from sam_optax._src import validation
+from sam_optax._src.core import tree_math
+from sam_optax._src.core import validation
+from sam_optax._src.pipeline import transformation
+from sam_optax._src.pipeline import variant as variant_lib
 
 # Below this sin(theta) the plane is degenerate (v0, v1 (anti)parallel or
 # zero) and the slerp is replaced by its theta -> 0 limit.
@@ -68,13 +66,12 @@ def _check_static_positive(owner: str, name: str, value: Any,
   return float(value)
 
 
-def _plane(ascent: pipeline.Ascent):
+def _plane(displacement, perturbed_grad):
   """(v0, g_k in float32, ||g_k||, theta) of the spec's plane."""
-  displacement = ascent.displacement
   v0 = tree_math.tree_scale(
       tree_math.safe_inverse(tree_math.tree_norm(displacement)), displacement
   )
-  grad_k = jax.tree.map(tree_math.wide, ascent.perturbed_grad)
+  grad_k = jax.tree.map(tree_math.wide, perturbed_grad)
   grad_k_norm = tree_math.tree_norm(grad_k)
   # <v0, v1> with v1 = g_k / ||g_k||; clipped so that rounding past +-1 never
   # reaches arccos as a NaN.
@@ -83,8 +80,21 @@ def _plane(ascent: pipeline.Ascent):
       -1.0,
       1.0,
   )
-  theta = jnp.arccos(cos_theta)
-  return v0, grad_k, grad_k_norm, theta
+  return v0, grad_k, grad_k_norm, jnp.arccos(cos_theta)
+
+
+def _ascent_plane(ctx: variant_lib.Context):
+  """SAM's ascent and re-gradient, then the plane: (loss_k, v0, g_k, ...)."""
+  displacement = ctx.ascend()
+  loss_k, grad_k = ctx.grad_at(ctx.shift(displacement))
+  return (loss_k,) + _plane(displacement, grad_k)
+
+
+def _alpha_limit(theta, max_angle):
+  """The largest alpha whose direction is within max_angle of v0."""
+  positive = theta > 0
+  return jnp.where(positive, max_angle / jnp.where(positive, theta, 1.0),
+                   jnp.inf)
 
 
 def _slerp_coefficients(alpha: jax.Array, theta: jax.Array):
@@ -104,98 +114,83 @@ def _slerp_coefficients(alpha: jax.Array, theta: jax.Array):
   return c0, c1
 
 
-def _combine(grid: np.ndarray, probe_every: Optional[int],
-             probe_batch_size: Optional[int],
-             max_angle: Optional[float] = None) -> pipeline.Combine:
-  """XSAM's combine piece: probe (on its steps), then ||g_k|| d(alpha)."""
+def _probe(grid: np.ndarray, probe_batch_size: Optional[int]):
+  """XSAM's decide piece: the losses along the arc, and theta."""
 
-  def combine(ascent: pipeline.Ascent):
-    v0, grad_k, grad_k_norm, theta = _plane(ascent)
-    if max_angle is not None:
-      # The largest alpha whose direction is within max_angle of v0.
-      positive = theta > 0
-      alpha_limit = jnp.where(
-          positive, max_angle / jnp.where(positive, theta, 1.0), jnp.inf)
+  def decide(ctx: variant_lib.Context):
+    _, v0, grad_k, grad_k_norm, theta = _ascent_plane(ctx)
+    rho_max = ctx.hyperparams['rho_max']
+    unit_k = tree_math.tree_scale(tree_math.safe_inverse(grad_k_norm),
+                                  grad_k)  # v1
 
+    def probe_loss(a):
+      c0, c1 = _slerp_coefficients(a, theta)
+      point = jax.tree.map(
+          lambda p, x, y: (tree_math.wide(p) + rho_max * (c0 * x + c1 * y)
+                           ).astype(p.dtype), ctx.params, v0, unit_k)
+      return ctx.loss_at(point)
+
+    losses = jax.lax.map(probe_loss, jnp.asarray(grid),
+                         batch_size=probe_batch_size)
+    return losses, theta
+
+  return decide
+
+
+def _choose(grid, losses, theta, max_angle, previous):
+  """The alpha of the largest finite loss (ties: the smaller alpha).
+
+  A NaN loss is never chosen; if every loss is NaN the previous alpha stays.
+  """
+  allowed = ~jnp.isnan(losses)
+  if max_angle is not None:
+    allowed &= jnp.asarray(grid) <= _alpha_limit(theta, max_angle)
+  best = jnp.argmax(jnp.where(allowed, losses, -jnp.inf))
+  return jnp.where(jnp.any(allowed), jnp.asarray(grid)[best], previous)
+
+
+def _combine(grid, probe_every, max_angle):
+  """XSAM's combine piece: ||g_k|| d(alpha), alpha probed or given."""
+
+  def combine(ctx: variant_lib.Context) -> variant_lib.Step:
+    loss_k, v0, grad_k, grad_k_norm, theta = _ascent_plane(ctx)
+    state = ctx.state
     if probe_every is None:
-      alpha = ascent.hyperparams['alpha']
-      probe_losses = ascent.state.probe_losses
+      alpha, probe_losses = ctx.hyperparams['alpha'], state.probe_losses
     else:
-      rho_max = ascent.hyperparams['rho_max']
-      params = ascent.params
-
-      def probe(_):
-        unit_k = tree_math.tree_scale(tree_math.safe_inverse(grad_k_norm),
-                                      grad_k)  # v1
-
-        def probe_loss(a):
-          c0, c1 = _slerp_coefficients(a, theta)
-          point = jax.tree.map(
-              lambda p, x, y: (
-                  tree_math.wide(p) + rho_max * (c0 * x + c1 * y)
-              ).astype(p.dtype),
-              params, v0, unit_k,
-          )
-          return jnp.asarray(ascent.loss_at(point), jnp.float32)
-
-        losses = jax.lax.map(probe_loss, jnp.asarray(grid),
-                             batch_size=probe_batch_size)
-        if ascent.axis_name is not None:
-          # Every device must choose the same alpha.
-          losses = jax.lax.pmean(losses, ascent.axis_name)
-        # argmax takes the first maximum: ties go to the smaller alpha. A NaN
-        # loss is never chosen.
-        allowed = ~jnp.isnan(losses)
-        if max_angle is not None:
-          allowed &= jnp.asarray(grid) <= alpha_limit  # alpha = 0 always is
-        best = jnp.argmax(jnp.where(allowed, losses, -jnp.inf))
-        return jnp.asarray(grid)[best], losses
-
-      def keep(_):
-        return ascent.state.alpha, ascent.state.probe_losses
-
-      alpha, probe_losses = jax.lax.cond(
-          ascent.count % probe_every == 0, probe, keep, None
-      )
-
+      losses, mean_theta = ctx.decision
+      probed = _choose(grid, losses, mean_theta, max_angle, state.alpha)
+      alpha = jnp.where(ctx.decided, probed, state.alpha)
+      probe_losses = jnp.where(ctx.decided, losses, state.probe_losses)
     # The cap applies to this step's update only; the state keeps the probed
     # (or given) alpha, so one tight step does not lower it until the next
     # probe.
-    used_alpha = (alpha if max_angle is None
-                  else jnp.minimum(alpha, alpha_limit))
+    used = alpha if max_angle is None else jnp.minimum(
+        alpha, _alpha_limit(theta, max_angle))
     # ||g_k|| d(alpha) = c0 ||g_k|| v0 + c1 g_k: using g_k itself (rather
-    # than ||g_k|| v1) keeps alpha = 1 bit-for-bit equal to SAM.
-    c0, c1 = _slerp_coefficients(used_alpha, theta)
+    # than ||g_k|| v1) keeps alpha = 1 equal to SAM.
+    c0, c1 = _slerp_coefficients(used, theta)
     scale0 = c0 * grad_k_norm
     out = jax.tree.map(lambda x, y: scale0 * x + c1 * y, v0, grad_k)
-    return out, {
-        'alpha': jnp.asarray(alpha, jnp.float32),
-        'probe_losses': probe_losses,
-    }
+    return variant_lib.Step(out, loss_k, state._replace(
+        alpha=jnp.asarray(alpha, jnp.float32), probe_losses=probe_losses))
 
   return combine
 
 
+@transformation.transformation
 def xsam(
     loss_fn: Callable[..., Any],
-    rho: pipeline.ScalarOrSchedule = 0.15,
+    rho: variant_lib.ScalarOrSchedule = 0.15,
     *,
-    rho_max: pipeline.ScalarOrSchedule = 0.15,
+    rho_max: variant_lib.ScalarOrSchedule = 0.15,
     probe_every: Optional[int] = 100,
-    alpha: pipeline.ScalarOrSchedule = 1.0,
+    alpha: variant_lib.ScalarOrSchedule = 1.0,
     alpha_max: float = 2.0,
     alpha_step: float = 0.1,
     probe_batch_size: Optional[int] = None,
     max_angle: Optional[float] = None,
-    ascent_steps: int = 1,
-    has_aux: bool = False,
-    axis_name: Optional[Hashable] = None,
-    sync_perturbation: bool = False,
-    axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
-    chunk_size: Optional[int] = None,
-    chunk_mode: devices.ChunkMode = 'sequential',
-    shared_perturbation: bool = False,
-) -> optax.GradientTransformationExtraArgs:
+) -> variant_lib.Variant:
   r"""Explicit SAM: the update points at the loss maximum found in a plane.
 
   XSAM takes SAM's ascent to :math:`w_k` (k normalized steps of total length
@@ -228,8 +223,9 @@ def xsam(
   ascent direction (the paper's "SGD+"); ``alpha>1`` goes past :math:`v_1`.
   With ``probe_every=None`` there is no probe and the update uses ``alpha``
   (a number or a schedule) at every step; ``xsam(f, rho, probe_every=None,
-  alpha=1.0)`` is bit-for-bit ``sam(f, rho)``. With the probe on, ``alpha``
-  is only the state's value before the first probe (which runs on step 0).
+  alpha=1.0)`` is ``sam(f, rho)`` (c0 = 0 and c1 = 1 exactly). With the
+  probe on, ``alpha`` is only the state's value before the first probe
+  (which runs on step 0).
 
   Degenerate planes (:math:`\sin\theta < 10^{-8}`: zero or (anti)parallel
   vectors) use the :math:`\theta \to 0` limit
@@ -238,14 +234,13 @@ def xsam(
   exactly SAM there too); norms and dot products are float32;
   zero gradients give a zero update, never NaN.
 
-  Devices and chunks (``axis_name``, ``sync_perturbation``,
-  ``axis_index_groups``, ``chunk_size``, ``chunk_mode``,
-  ``shared_perturbation``) work as in `sam`: with ``axis_name`` every device
-  builds its own v0, v1 and update, the probe's losses are averaged over the
-  axis before alpha is chosen (so every device uses the same alpha), and the
-  update is averaged over the axis. With ``chunk_size`` (m-sharpness) every
-  chunk probes on its own examples and the state keeps the chunks' mean alpha
-  and mean probe losses.
+  **Layouts.** Under every ``layout`` each group (device, chunk) builds its
+  own v0, v1 and update, but alpha is chosen once: the probe's losses are
+  averaged over all groups first (`PerDevice` and `Chunks` at the same m
+  pick the same alpha, on the grid). The probe is its own pass, before the
+  update: on a probe step it costs one more gradient per group on top of
+  its forward passes. A probe whose losses are all NaN (a bad batch) keeps
+  the previous alpha; its NaN losses stay in ``probe_losses`` to say so.
 
   **Defaults, from measurements** (benchmarks/results/xsam_defaults.md,
   MNIST-1D CNN, 3 seeds, with and without 20% label noise): ``rho=0.15``,
@@ -304,9 +299,10 @@ def xsam(
       ascent direction; on our MNIST-1D runs with ``rho_max = 0.3`` it only
       partly prevented the stall described above
       (benchmarks/results/xsam_defaults.md), so it is off by default.
-    ascent_steps: number of normalized ascent steps (k >= 1); v0 is the
-      direction of the whole displacement :math:`w_k - w_0`.
-    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+
+  ``ascent_steps``, ``has_aux``, ``perturbation_mask`` and ``layout`` work
+  as in `sam`; with ``ascent_steps=k``, v0 is the direction of the whole
+  displacement :math:`w_k - w_0`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is an `XSAMState`.
@@ -316,10 +312,8 @@ def xsam(
     and Effective Implementation <https://arxiv.org/abs/2603.10048>`_,
     ICLR 2026.
   """
+  del loss_fn  # the pipeline takes it
   owner = 'xsam'
-  validation.check_hyperparameter(owner, 'rho', rho)
-  validation.check_hyperparameter(owner, 'rho_max', rho_max, allow_zero=False)
-  validation.check_hyperparameter(owner, 'alpha', alpha)
   grid_shape = 'it fixes the size of the alpha grid, a shape in the state'
   alpha_max = _check_static_positive(owner, 'alpha_max', alpha_max, grid_shape)
   alpha_step = _check_static_positive(owner, 'alpha_step', alpha_step,
@@ -352,28 +346,23 @@ def xsam(
         owner, 'probe_batch_size', probe_batch_size, minimum=1
     )
 
-  def init_extra(params):
+  def init(params):
     del params
     initial = alpha(0) if callable(alpha) else alpha
-    return {
-        'alpha': jnp.asarray(initial, jnp.float32),
-        'probe_losses': jnp.zeros(grid.shape, jnp.float32),
-    }
+    return XSAMState(**variant_lib.initial_diagnostics(),
+                     alpha=jnp.asarray(initial, jnp.float32),
+                     probe_losses=jnp.zeros(grid.shape, jnp.float32))
 
-  return pipeline.sharpness_aware(
-      loss_fn,
-      owner=owner,
+  probing = probe_every is not None
+  return variant_lib.Variant(
+      name=owner,
       hyperparams={'rho': rho, 'rho_max': rho_max, 'alpha': alpha},
-      direction=sam_lib.normalized_direction,
-      state_type=XSAMState,
-      ascent_steps=ascent_steps,
-      has_aux=has_aux,
-      axis_name=axis_name,
-      sync_perturbation=sync_perturbation,
-      axis_index_groups=axis_index_groups,
-      chunk_size=chunk_size,
-      chunk_mode=chunk_mode,
-      shared_perturbation=shared_perturbation,
-      combine=_combine(grid, probe_every, probe_batch_size, max_angle),
-      init_extra=init_extra,
+      positive=('rho_max',),
+      state=XSAMState,
+      init=init,
+      combine=_combine(grid, probe_every, max_angle),
+      agree={'alpha': 'same', 'probe_losses': 'same'},
+      decide=_probe(grid, probe_batch_size) if probing else None,
+      decides=(lambda state: state.count % probe_every == 0) if probing
+      else None,
   )

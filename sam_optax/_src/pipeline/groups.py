@@ -1,0 +1,209 @@
+"""Each layout maps a one-group step over its groups: one function per layout.
+
+A *group* is what gets one perturbation: the whole batch (``layout=None``,
+``Chunks(m, shared=True)``), one chunk (``Chunks(m)``), or one device
+(`PerDevice`, whose own batch may be split again by ``chunks=``). A step is
+``fn(group) -> (averaged, stacked)``; a layout returns the mean of
+``averaged`` over its groups on this device (float32) and ``stacked`` with a
+leading group axis. `device_mean` then averages over devices.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from sam_optax._src.core import batching
+from sam_optax._src.core import tree_math
+from sam_optax._src.pipeline import layouts
+from sam_optax._src.pipeline.variant import Group
+
+PyTree = Any
+GroupStep = Callable[[Group], tuple[PyTree, PyTree]]
+
+
+class Batch(NamedTuple):
+  """The step's inputs that a layout splits into groups.
+
+  Attributes:
+    owner: the transformation's name, for error messages.
+    updates: the incoming clean gradient.
+    params: the clean weights.
+    loss_kwargs: the keyword arguments forwarded to ``loss_fn``.
+    value_and_grad: ``(w, loss_kwargs) -> (loss, grad)``.
+    loss: ``(w, loss_kwargs) -> loss``.
+  """
+
+  owner: str
+  updates: PyTree
+  params: PyTree
+  loss_kwargs: dict[str, Any]
+  value_and_grad: Callable[[PyTree, dict], tuple[jax.Array, PyTree]]
+  loss: Callable[[PyTree, dict], jax.Array]
+
+
+def _one_group(fn: GroupStep, group: Group):
+  averaged, stacked = fn(group)
+  return (jax.tree.map(tree_math.wide, averaged),
+          jax.tree.map(lambda x: jnp.expand_dims(x, 0), stacked))
+
+
+def whole(fn: GroupStep, batch: Batch, clean=None, sync=lambda g: g):
+  """``layout=None``: the whole batch is one group."""
+  grad_at = lambda w: batch.value_and_grad(w, batch.loss_kwargs)
+  return _one_group(fn, Group(
+      clean_grad=batch.updates if clean is None else clean,
+      grad_at=grad_at,
+      loss_at=lambda w: batch.loss(w, batch.loss_kwargs),
+      ascent_grad_at=lambda w: (lambda l, g: (l, sync(g)))(*grad_at(w))))
+
+
+def chunked(fn: GroupStep, batch: Batch, chunks: layouts.Chunks, clean=None,
+            sync=lambda g: g):
+  """`Chunks`: one group per chunk, or (``shared``) one for all chunks."""
+  split, mask, n = batching.split_into_chunks(
+      batch.owner, batch.loss_kwargs, chunks.m, chunks.batch_argnames)
+  if isinstance(chunks.mode, layouts.mesh_lib.MeshChunks):
+    batch = batch._replace(params=chunks.mode.replicate(batch.params))
+  mapped = lambda one: batching.over_chunks(one, split, mask, n, chunks.mode)
+  if chunks.shared:
+    def grad_at(w):
+      (loss, grad), _ = mapped(lambda kw: (batch.value_and_grad(w, kw), None))
+      return loss, tree_math.tree_cast_like(grad, batch.params)
+
+    return _one_group(fn, Group(
+        clean_grad=batch.updates if clean is None else clean,
+        grad_at=grad_at,
+        loss_at=lambda w: mapped(lambda kw: (batch.loss(w, kw), None))[0],
+        ascent_grad_at=lambda w: (lambda l, g: (l, sync(g)))(*grad_at(w))))
+
+  def one_chunk(kw):
+    grad_at = lambda w: batch.value_and_grad(w, kw)
+    return fn(Group(clean_grad=grad_at(batch.params)[1], grad_at=grad_at,
+                    loss_at=lambda w: batch.loss(w, kw),
+                    ascent_grad_at=grad_at))
+
+  return mapped(one_chunk)
+
+
+def per_device(fn: GroupStep, batch: Batch, layout: layouts.PerDevice):
+  """`PerDevice`: one group per device (or per chunk of each device)."""
+  tracked = _check_local(batch, layout)
+  value_and_grad = batch.value_and_grad
+  batch = batch._replace(value_and_grad=lambda w, kw: value_and_grad(
+      _make_local(w, layout.axes, tracked), kw))
+  sync = (lambda g: sync_mean(g, layout)) if layout.sync else (lambda g: g)
+  clean = sync(batch.updates)
+  if layout.chunks is None:
+    return whole(fn, batch, clean, sync)
+  return chunked(fn, batch, layout.chunks, clean, sync)
+
+
+def map_groups(layout: layouts.Layout, fn: GroupStep, batch: Batch):
+  """Runs ``fn`` on every group of ``layout`` on this device."""
+  if layout is None:
+    return whole(fn, batch)
+  if isinstance(layout, layouts.Chunks):
+    return chunked(fn, batch, layout)
+  return per_device(fn, batch, layout)
+
+
+def device_mean(layout: layouts.Layout, tree: PyTree) -> PyTree:
+  """The mean over devices (`PerDevice`), one all-reduce; else ``tree``."""
+  if isinstance(layout, layouts.PerDevice):
+    return jax.lax.pmean(tree, layout.axis)
+  return tree
+
+
+def device_reduce(layout: layouts.Layout, tree: PyTree, how: str) -> PyTree:
+  """``'max'`` / ``'min'`` over devices; ``'same'`` keeps the local value."""
+  if not isinstance(layout, layouts.PerDevice) or how == 'same':
+    return tree
+  reduce = jax.lax.pmax if how == 'max' else jax.lax.pmin
+  return reduce(tree, layout.axis)
+
+
+def sync_mean(tree: PyTree, layout: layouts.PerDevice) -> PyTree:
+  """The mean over the sync groups (the whole axis without ``groups``)."""
+  if layout.groups is not None:
+    size = jax.lax.axis_size(layout.axis)
+    covered = sum(len(g) for g in layout.groups)
+    if covered != size:
+      raise ValueError(
+          f'PerDevice: groups={layout.groups} cover {covered} devices, but'
+          f' axis {layout.axis!r} has {size}. Give groups that split the'
+          f' indices 0..{size - 1} into equal parts, e.g.'
+          f' {[list(range(i, i + 2)) for i in range(0, size, 2)]}.')
+  return jax.lax.pmean(tree, layout.axis, axis_index_groups=layout.groups)
+
+
+def _varying_axes(x) -> frozenset:
+  try:
+    aval = jax.typeof(x)
+  except TypeError:  # a non-array keyword argument (e.g. a string)
+    return frozenset()
+  manual = getattr(aval, 'manual_axis_type', None)  # jax >= 0.10
+  if manual is not None:
+    return frozenset(getattr(manual, 'varying', ()))
+  return frozenset(getattr(aval, 'vma', ()))  # older jax
+
+
+def _check_local(batch: Batch, layout: layouts.PerDevice) -> bool:
+  """Whether shard_map tracks device variance here (``check_vma=True``).
+
+  Then a gradient taken at replicated weights is summed over the devices,
+  so the incoming gradient must vary over the axis, and every gradient the
+  pipeline takes is taken at weights marked varying (`_make_local`).
+  """
+  axes = set(layout.axes)
+  tracked = any(axes & _varying_axes(x) for x in jax.tree.leaves(
+      (batch.updates, batch.loss_kwargs)))
+  if tracked and not any(axes <= _varying_axes(g)
+                         for g in jax.tree.leaves(batch.updates)):
+    raise ValueError(
+        f'{batch.owner}: with layout={layout!r} the incoming gradient must be'
+        " each device's own, but it is replicated over the axis: inside"
+        ' jax.shard_map, jax.grad with respect to replicated params already'
+        ' sums the gradient over the devices. Differentiate with respect to'
+        f" jax.lax.pcast(params, {layout.axis!r}, to='varying') instead, or"
+        ' use jax.shard_map(..., check_vma=False).')
+  return tracked
+
+
+def _make_local(tree: PyTree, axes: tuple, tracked: bool) -> PyTree:
+  if not tracked:
+    return tree
+
+  def cast(x):
+    missing = tuple(a for a in axes if a not in _varying_axes(x))
+    return jax.lax.pcast(x, missing, to='varying') if missing else x
+
+  return jax.tree.map(cast, tree)
+
+
+def reduce_step(layout: layouts.Layout, out: PyTree, diagnostics, means):
+  """Averages the step over devices: one all-reduce for `PerDevice`.
+
+  ``diagnostics`` are each group's ``(perturbed_loss, grad_norm, cosine,
+  dot)`` averaged over this device's groups, with ``dot = <g0, out>``;
+  returns ``(perturbed_loss, grad_norm, cosine)``. With ``sync=True`` the
+  group is the whole axis (or each of ``groups``), so its cosine is taken
+  with the group's averaged gradient -- the same number one device reports
+  for SAM on the same global batch (``dot`` is linear in the gradient and
+  rides in the same all-reduce; ``groups`` costs one more, in-group, mean).
+  """
+  perturbed_loss, grad_norm, cosine, dot = diagnostics
+  if not isinstance(layout, layouts.PerDevice):
+    return out, (perturbed_loss, grad_norm, cosine), means
+  cosine_of = lambda g: dot * tree_math.safe_inverse(
+      grad_norm * tree_math.tree_norm(g))
+  if layout.sync and layout.groups is not None:
+    out = sync_mean(out, layout)
+    cosine = cosine_of(out)
+  out, (perturbed_loss, grad_norm, cosine, dot), means = device_mean(
+      layout, (out, (perturbed_loss, grad_norm, cosine, dot), means))
+  if layout.sync and layout.groups is None:
+    cosine = cosine_of(out)
+  return out, (perturbed_loss, grad_norm, cosine), means

@@ -1,0 +1,206 @@
+"""What a sharpness-aware variant declares, and what its pieces are given.
+
+A variant is a `Variant`: its hyperparameters, its typed state, its ascent
+direction, its combine (the gradient it hands on) and how its own state
+fields agree across devices and chunks. The pipeline (`transformation.py`)
+owns everything else: schedules, validation, numerics, the layout, the
+diagnostics and the optax plumbing. A piece sees one *group* -- the whole
+batch, one chunk, or one device -- through a `Context`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sam_optax._src.core import directions
+from sam_optax._src.core import tree_math
+
+PyTree = Any
+ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
+COMMON_FIELDS = ('count', 'perturbed_loss', 'grad_norm', 'cosine')
+AGREEMENTS = ('mean', 'max', 'min', 'same')
+
+
+class Group(NamedTuple):
+  """One group's gradients, built by the layout (see `groups.py`).
+
+  Attributes:
+    clean_grad: g0, the gradient the group's perturbation is built from.
+    grad_at: ``w -> (loss, grad)`` on the group's examples.
+    loss_at: ``w -> loss`` on the group's examples (a forward pass).
+    ascent_grad_at: ``grad_at`` averaged over the group's devices, for the
+      intermediate ascent steps (``grad_at`` itself unless
+      ``PerDevice(sync=True)``).
+  """
+
+  clean_grad: PyTree
+  grad_at: Callable[[PyTree], tuple[jax.Array, PyTree]]
+  loss_at: Callable[[PyTree], jax.Array]
+  ascent_grad_at: Callable[[PyTree], tuple[jax.Array, PyTree]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """What a variant's pieces see for one group, before this update.
+
+  Every method is a fresh computation (each call to `perturbed` is a
+  forward and backward pass); call it inside a `jax.lax.cond` branch to pay
+  for it only on the steps that take the branch.
+
+  Attributes:
+    clean_grad: g0, the group's clean gradient.
+    params: the clean weights w.
+    hyperparams: every hyperparameter at this step, float32 scalars (NaN
+      where a traced value broke its bound).
+    state: the transformation's state before this update.
+    decision: what the variant's ``decide`` returned, averaged over every
+      group of the layout (None without ``decide``; zeros on steps where
+      ``decides`` is False).
+    decided: whether ``decide`` ran on this step (a bool scalar).
+  """
+
+  clean_grad: PyTree
+  params: PyTree
+  hyperparams: Mapping[str, jax.Array]
+  state: NamedTuple
+  decision: Optional[PyTree]
+  decided: jax.Array
+  group: Group
+  variant: 'Variant'
+  ascent_steps: int
+  mask: Optional[PyTree]
+
+  @property
+  def count(self) -> jax.Array:
+    return self.state.count
+
+  def grad_at(self, point: PyTree) -> tuple[jax.Array, PyTree]:
+    """(L(point), grad L(point)) on the group's examples, loss in float32."""
+    loss, grad = self.group.grad_at(point)
+    return jnp.asarray(loss, jnp.float32), grad
+
+  def loss_at(self, point: PyTree) -> jax.Array:
+    """L(point) on the group's examples (a forward pass), float32."""
+    return jnp.asarray(self.group.loss_at(point), jnp.float32)
+
+  def shift(self, displacement: PyTree) -> PyTree:
+    """w + displacement, in the parameters' dtypes."""
+    return jax.tree.map(lambda p, e: (p + e).astype(p.dtype), self.params,
+                        displacement)
+
+  def ascend(self, grad: Optional[PyTree] = None) -> PyTree:
+    """eps: ``ascent_steps`` steps of length rho / k along the direction.
+
+    Starts from ``grad`` (default: the clean gradient); each later step
+    re-evaluates the gradient at the point reached. Leaves outside the
+    perturbation mask do not move. Float32 (or wider).
+    """
+    step = self.hyperparams['rho'] / self.ascent_steps
+    grad = self.clean_grad if grad is None else grad
+    displacement = None
+    for i in range(self.ascent_steps):
+      if i:
+        _, grad = self.group.ascent_grad_at(self.shift(displacement))
+      if self.mask is not None:
+        grad = jax.tree.map(lambda g, keep: g if keep else jnp.zeros_like(g),
+                            grad, self.mask)
+      unit = self.variant.direction(grad, self.params, self.hyperparams)
+      displacement = (tree_math.tree_scale(step, unit) if displacement is None
+                      else tree_math.tree_add_scaled(displacement, step, unit))
+    return displacement
+
+  def perturbed(self, grad: Optional[PyTree] = None):
+    """(L(w + eps), grad L(w + eps)) with eps = `ascend` (grad)."""
+    return self.grad_at(self.shift(self.ascend(grad)))
+
+
+class Step(NamedTuple):
+  """What a combine returns for one group.
+
+  Attributes:
+    gradient: the gradient handed on (any float dtype; cast by the pipeline).
+    perturbed_loss: L(w + eps) for the diagnostics (float32 scalar).
+    state: the variant's state with its own fields updated (the pipeline
+      sets ``count`` and the diagnostics).
+  """
+
+  gradient: PyTree
+  perturbed_loss: jax.Array
+  state: NamedTuple
+
+
+def sam_direction(grad, params, hyperparams):
+  """SAM's ascent direction g / ||g|| (zero for a zero gradient)."""
+  del params, hyperparams
+  return directions.normalized_direction(grad)
+
+
+def perturbed_gradient(ctx: Context) -> Step:
+  """SAM's combine: hand on g_k = grad L(w + eps)."""
+  loss, grad = ctx.perturbed()
+  return Step(grad, loss, ctx.state)
+
+
+def initial_diagnostics() -> dict[str, jax.Array]:
+  """The common state fields at init: count 0 (int32), zeros (float32)."""
+  zero = jnp.zeros([], jnp.float32)
+  return dict(count=jnp.zeros([], jnp.int32), perturbed_loss=zero,
+              grad_norm=zero, cosine=zero)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """A sharpness-aware method, as the pieces the pipeline runs.
+
+  Attributes:
+    name: the public name (used in error messages).
+    hyperparams: name -> number or schedule, evaluated every step on the
+      state's ``count``; must include ``'rho'``.
+    state: the state's NamedTuple class; its first fields are ``count``,
+      ``perturbed_loss``, ``grad_norm`` and ``cosine`` (set by the
+      pipeline), then the variant's own.
+    init: ``params -> state`` (use `initial_diagnostics` for the first four).
+    direction: the ascent piece, ``(grad, params, hyperparams) -> unit
+      direction`` in the variant's metric.
+    combine: ``Context -> Step``, the gradient handed on.
+    agree: for each own state field, how the groups' values become one:
+      ``'mean'``, ``'max'``, ``'min'``, or ``'same'`` (equal by construction,
+      e.g. chosen from a ``decision``; the first group's is kept).
+    decide: optional ``Context -> pytree of floats`` that every group
+      computes and that is averaged over all groups before ``combine`` runs,
+      so a choice made from it is the same everywhere (XSAM's probe).
+    decides: optional ``state -> bool``: on which steps ``decide`` runs
+      (a `jax.lax.cond`); every step when None.
+    positive: the hyperparameters that must be > 0 (others >= 0).
+  """
+
+  name: str
+  hyperparams: Mapping[str, ScalarOrSchedule]
+  state: type
+  init: Callable[[PyTree], NamedTuple]
+  direction: Callable[[PyTree, PyTree, Mapping[str, jax.Array]], PyTree] = (
+      sam_direction)
+  combine: Callable[[Context], Step] = perturbed_gradient
+  agree: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  decide: Optional[Callable[[Context], PyTree]] = None
+  decides: Optional[Callable[[NamedTuple], jax.Array]] = None
+  positive: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    fields = tuple(self.state._fields)
+    if fields[:4] != COMMON_FIELDS:
+      raise TypeError(f'{self.name}: the state must start with the fields'
+                      f' {COMMON_FIELDS}, got {fields}.')
+    own = set(fields[4:])
+    if set(self.agree) != own or not set(self.agree.values()) <= set(
+        AGREEMENTS):
+      raise TypeError(
+          f'{self.name}: agree must map each own state field {sorted(own)}'
+          f' to one of {AGREEMENTS}, got {dict(self.agree)}.')
+    if 'rho' not in self.hyperparams:
+      raise TypeError(f'{self.name}: hyperparams must include rho.')
