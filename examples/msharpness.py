@@ -6,13 +6,14 @@ with its own minibatch gradient -- and finds that smaller m generalizes
 better. This script repeats the experiment on MNIST-1D with 8 (fake CPU)
 devices under `jax.pmap`, at one global batch and one rho, for every m:
 
-* m < per-device batch:  ``sam(..., axis_name='i', chunk_size=m)`` -- chunks
-  inside each device, each with its own perturbation;
-* m = per-device batch:  ``sam(..., axis_name='i')`` -- one perturbation per
+* m < per-device batch:  ``layout=PerDevice('i', chunks=Chunks(m))`` --
+  chunks inside each device, each with its own perturbation;
+* m = per-device batch:  ``layout=PerDevice('i')`` -- one perturbation per
   device, the paper's default setting;
-* per-device < m < batch: ``sync_perturbation=True, axis_index_groups=...``
-  -- devices in groups of m / per-device share a perturbation;
-* m = global batch:      ``sync_perturbation=True`` -- plain SAM;
+* per-device < m < batch: ``PerDevice('i', sync=True, groups=...)`` --
+  devices in groups of m / per-device share a perturbation;
+* m = global batch:      ``PerDevice('i', sync=True)`` -- plain SAM on the
+  global batch;
 
 plus SGD (rho = 0) for reference. Prints a table (mean +- std over seeds of
 the final test accuracy) and writes a PNG and a markdown table to ``--out``.
@@ -55,22 +56,28 @@ import sam_optax  # noqa: E402
 AXIS = 'i'
 
 
-def make_sam(loss_fn, rho: float, m: int, batch: int, devices: int,
-             chunk_mode: str):
-  """The SAM transformation that perturbs once per m examples."""
+def make_layout(m: int, batch: int, devices: int,
+                chunk_mode: str) -> sam_optax.PerDevice:
+  """The layout that perturbs once per m examples (see `check_m`)."""
   per_device = batch // devices
   if m < per_device:
-    return sam_optax.sam(loss_fn, rho, axis_name=AXIS, chunk_size=m,
-                         chunk_mode=chunk_mode)
+    return sam_optax.PerDevice(
+        AXIS, chunks=sam_optax.Chunks(m, mode=chunk_mode))
   if m == per_device:
-    return sam_optax.sam(loss_fn, rho, axis_name=AXIS)
+    return sam_optax.PerDevice(AXIS)
   if m == batch:
-    return sam_optax.sam(loss_fn, rho, axis_name=AXIS, sync_perturbation=True)
+    return sam_optax.PerDevice(AXIS, sync=True)
   size = m // per_device
   groups = [list(range(g * size, (g + 1) * size))
             for g in range(devices // size)]
-  return sam_optax.sam(loss_fn, rho, axis_name=AXIS, sync_perturbation=True,
-                       axis_index_groups=groups)
+  return sam_optax.PerDevice(AXIS, sync=True, groups=groups)
+
+
+def make_sam(loss_fn, rho: float, m: int, batch: int, devices: int,
+             chunk_mode: str):
+  """The SAM transformation that perturbs once per m examples."""
+  return sam_optax.sam(loss_fn, rho,
+                       layout=make_layout(m, batch, devices, chunk_mode))
 
 
 def check_m(m: int, batch: int, devices: int) -> None:
@@ -209,7 +216,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
   for m in configs:
     start = time.perf_counter()
     if m is None:  # rho = 0 is exactly data-parallel SGD (one pmean)
-      tx = sam_optax.sam(m1d.loss_fn, 0.0, axis_name=AXIS)
+      tx = sam_optax.sam(m1d.loss_fn, 0.0,
+                          layout=sam_optax.PerDevice(AXIS))
     else:
       tx = make_sam(m1d.loss_fn, args.rho, m, args.batch_size, devices,
                     args.chunk_mode)
