@@ -27,3 +27,14 @@ VARIANTS = [
     Variant('asam', sam_optax.asam, {'eta': 0.01}),
     Variant('xsam', sam_optax.xsam, {'probe_every': 1, 'rho_max': 0.02}),
 ]
+
+# The layout battery (test_layouts.py) compares a layout with the variant run
+# alone on each group's examples, so a variant that chooses something from
+# all groups together (XSAM's probe) runs there with that choice fixed; the
+# probe's agreement across groups is tested in test_devices.py.
+LAYOUT_VARIANTS = [
+    v if v.name != 'xsam' else Variant(
+        'xsam_fixed_alpha', sam_optax.xsam,
+        {'probe_every': None, 'alpha': 0.7})
+    for v in VARIANTS
+]

@@ -126,8 +126,8 @@ def shard_batch(
     >>> import jax, jax.numpy as jnp, sam_optax
     >>> mesh = jax.make_mesh((len(jax.devices()),), ('data',))
     >>> batch = sam_optax.shard_batch({'x': jnp.ones((16, 3))}, mesh)
-    >>> batch['x'].sharding.spec
-    PartitionSpec('data',)
+    >>> batch['x'].sharding.spec == jax.sharding.PartitionSpec('data')
+    True
   """
   if axis not in mesh.shape:
     raise ValueError(

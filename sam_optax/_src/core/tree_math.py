@@ -38,14 +38,26 @@ def tree_sum_of_squares(a: PyTree) -> jax.Array:
 
 
 def tree_norm(a: PyTree) -> jax.Array:
-  """Global L2 norm over every leaf, in float32 (or wider)."""
-  return jnp.sqrt(tree_sum_of_squares(a))
+  """Global L2 norm over every leaf, in float32 (or wider).
+
+  Safe to differentiate at zero: the derivative of the norm of a zero vector
+  is taken as 0, not the NaN of ``sqrt``'s infinite slope (the double
+  ``where`` keeps the unused branch finite too). A NaN stays NaN.
+  """
+  squares = tree_sum_of_squares(a)
+  positive = squares > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, squares, 1.0)),
+                   squares)
 
 
 def safe_inverse(x: jax.Array) -> jax.Array:
-  """1 / x where x > 0, else 0 -- with no inf/NaN in either branch."""
+  """1 / x where x > 0, 0 where x = 0, NaN stays NaN; finite derivatives.
+
+  Used for divisions by norms (x >= 0): a zero vector divides into a zero
+  vector, while a NaN norm is never turned into a plausible 0.
+  """
   positive = x > 0
-  return jnp.where(positive, 1.0 / jnp.where(positive, x, 1.0), 0.0)
+  return jnp.where(positive, 1.0 / jnp.where(positive, x, 1.0), x * 0.0)
 
 
 def safe_cosine(a: PyTree, b: PyTree) -> jax.Array:

@@ -16,6 +16,13 @@ def _is_concrete(value: Any) -> bool:
 
 
 def check_loss_fn(owner: str, loss_fn: Any) -> None:
+  if isinstance(loss_fn, (jax.Array, np.ndarray)):
+    raise TypeError(
+        f'{owner}: loss_fn must be a callable, got an array. Under'
+        ' optax.inject_hyperparams every callable argument is taken for a'
+        ' schedule, so loss_fn was called with the step count and replaced'
+        ' by its value: use sam_optax.inject_hyperparams, which keeps loss_fn'
+        " static (or pass static_args=('loss_fn', ...)).")
   if not callable(loss_fn):
     raise TypeError(
         f'{owner}: loss_fn must be a callable `loss_fn(params, **loss_kwargs)`'
@@ -171,6 +178,12 @@ def checked_scalar_loss(
             ' the transformation with has_aux=True.'
         )
       loss = out
+    if not isinstance(loss, (jax.Array, np.ndarray, np.generic, float, int)):
+      raise TypeError(
+          f'{owner}: loss_fn must return a scalar loss, or (loss, aux) with'
+          f' has_aux=True, but it returned a {type(loss).__name__}'
+          f'{" (a gradient? pass the loss itself)" if isinstance(loss, dict) else ""}.'
+      )
     loss = jnp.asarray(loss)
     if loss.shape != ():
       raise ValueError(

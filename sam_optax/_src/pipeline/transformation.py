@@ -185,16 +185,16 @@ def build(variant: Variant, loss_fn, *, ascent_steps: int = 1,
     for f in own_fields:
       how = variant.agree[f]
       if how == 'mean':
-        value = next(means).astype(getattr(state, f).dtype)
+        value = next(means)
       else:
-        stacked = next(others)
-        value = {'same': lambda x: x[0], 'max': lambda x: jnp.max(x, 0),
-                 'min': lambda x: jnp.min(x, 0)}[how](stacked)
+        # 'same' values are equal in every group; their max is that value
+        # (a reduction, so it also works on chunks sharded over a mesh).
+        value = (jnp.min if how == 'min' else jnp.max)(next(others), axis=0)
         value = groups.device_reduce(layout, value, how)
-      own.append(value)
-    perturbed_loss, grad_norm, cosine = diagnostics
-    return variant.state(optax.safe_increment(count), perturbed_loss,
-                         grad_norm, cosine, *own)
+      own.append(value.astype(getattr(state, f).dtype))
+    # The state's dtypes never follow the parameters' (float64 with x64).
+    diagnostics = [jnp.asarray(d, jnp.float32) for d in diagnostics]
+    return variant.state(optax.safe_increment(count), *diagnostics, *own)
 
   def update_fn(updates, state, params=None, **extra_args):
     validation.check_params_given(owner, params)

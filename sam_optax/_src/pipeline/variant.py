@@ -169,8 +169,9 @@ class Variant:
       direction`` in the variant's metric.
     combine: ``Context -> Step``, the gradient handed on.
     agree: for each own state field, how the groups' values become one:
-      ``'mean'``, ``'max'``, ``'min'``, or ``'same'`` (equal by construction,
-      e.g. chosen from a ``decision``; the first group's is kept).
+      ``'mean'``, ``'max'``, ``'min'``, or ``'same'`` (equal in every group
+      by construction, e.g. chosen from a ``decision``: kept as it is, no
+      all-reduce).
     decide: optional ``Context -> pytree of floats`` that every group
       computes and that is averaged over all groups before ``combine`` runs,
       so a choice made from it is the same everywhere (XSAM's probe).

@@ -167,6 +167,9 @@ def _combine(grid, probe_every, max_angle):
     # probe.
     used = alpha if max_angle is None else jnp.minimum(
         alpha, _alpha_limit(theta, max_angle))
+    if probe_every is not None:  # a bad traced rho_max shows in the update
+      used = jnp.where(ctx.decided & jnp.isnan(ctx.hyperparams['rho_max']),
+                       jnp.nan, used)
     # ||g_k|| d(alpha) = c0 ||g_k|| v0 + c1 g_k: using g_k itself (rather
     # than ||g_k|| v1) keeps alpha = 1 equal to SAM.
     c0, c1 = _slerp_coefficients(used, theta)
