@@ -1,4 +1,4 @@
-"""XSAM against an independent NumPy implementation of ../shared/xsam.md.
+"""XSAM against an independent NumPy implementation of its specification.
 
 The reference below is written from the spec in float64 on flat vectors, with
 a hand-written softmax-regression gradient; it shares no code with

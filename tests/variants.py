@@ -6,9 +6,23 @@ low-precision dtypes, zero gradients, rho = 0, schedules and bad input for it.
 """
 
 import dataclasses
+import pathlib
+import re
 from typing import Any, Callable
 
 import sam_optax
+
+DESIGN_DOC = pathlib.Path(__file__).parent.parent / 'docs' / 'design.md'
+
+
+def design_doc_variant():
+  """The worked example of docs/design.md: the variant a newcomer adds."""
+  text = DESIGN_DOC.read_text()
+  section = text[text.index('## Adding a variant'):]
+  code = re.search(r'```python\n(.*?)```', section, re.S).group(1)
+  namespace = {}
+  exec(compile(code, str(DESIGN_DOC), 'exec'), namespace)  # pylint: disable=exec-used
+  return namespace['sign_sam']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +40,7 @@ VARIANTS = [
     Variant('sam_k2', sam_optax.sam, {'ascent_steps': 2}),
     Variant('asam', sam_optax.asam, {'eta': 0.01}),
     Variant('xsam', sam_optax.xsam, {'probe_every': 1, 'rho_max': 0.02}),
+    Variant('sign_sam_of_design_doc', design_doc_variant()),
 ]
 
 # The layout battery (test_layouts.py) compares a layout with the variant run

@@ -8,6 +8,8 @@ from typing import Any, Callable, Iterable, Optional, Union
 import jax.numpy as jnp
 import optax
 
+from sam_optax._src.core import validation
+
 
 
 def annealable(factory: Callable[..., Any]) -> frozenset:
@@ -19,7 +21,8 @@ def annealable(factory: Callable[..., Any]) -> frozenset:
   """
   return frozenset(
       name for name, p in inspect.signature(factory).parameters.items()
-      if 'ScalarOrSchedule' in str(p.annotation))
+      if p.annotation is validation.ScalarOrSchedule
+      or 'ScalarOrSchedule' in str(p.annotation))
 
 
 def inject_hyperparams(

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+# A hyperparameter that a user may anneal: a number, or an optax schedule
+# ``count -> value`` evaluated on the transformation's own step count.
+ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 
 
 def _is_concrete(value: Any) -> bool:

@@ -11,17 +11,17 @@ batch, one chunk, or one device -- through a `Context`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from sam_optax._src.core import directions
 from sam_optax._src.core import tree_math
+from sam_optax._src.core import validation
 
 PyTree = Any
-ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
+ScalarOrSchedule = validation.ScalarOrSchedule
 COMMON_FIELDS = ('count', 'perturbed_loss', 'grad_norm', 'cosine')
 AGREEMENTS = ('mean', 'max', 'min', 'same')
 

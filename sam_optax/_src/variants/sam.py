@@ -84,22 +84,23 @@ def sam(
       BatchNorm statistics, is dropped).
     rho: radius of the neighbourhood (total ascent length), a number >= 0 or
       an optax schedule evaluated on this transformation's step count.
-    ascent_steps: number of normalized ascent steps (k >= 1).
-    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-    perturbation_mask: which parameters are perturbed: None (all), a pytree
-      of bools like params, a function ``params -> pytree of bools`` (as
-      `optax.masked` takes) or a predicate ``(path, leaf) -> bool``; the
-      norm is taken over the selected leaves only, and the others stay at w
-      (SAM-ON, Mueller et al., 2023: perturbing only the normalization
-      layers).
-    layout: how the step lies over devices and over the batch: None (one
-      device, the whole batch), `sam_optax.PerDevice` (inside `jax.pmap` /
-      `jax.shard_map`, one perturbation per device) or `sam_optax.Chunks`
-      (m-sharpness inside the step, or gradient accumulation with
-      ``shared=True``).
 
-  Every variant in sam_optax takes ``ascent_steps``, ``has_aux``,
-  ``perturbation_mask`` and ``layout`` with these meanings.
+  **Options every variant takes** (keyword-only; the pipeline adds them to
+  each factory, so they mean the same everywhere):
+
+  - ``ascent_steps`` -- the number of normalized ascent steps (k >= 1).
+  - ``has_aux`` -- whether ``loss_fn`` returns ``(loss, aux)``.
+  - ``perturbation_mask`` -- which parameters are perturbed: None (all), a
+    pytree of bools like params, a function ``params -> pytree of bools``
+    (as `optax.masked` takes) or a predicate ``(path, leaf) -> bool``; the
+    norm is taken over the selected leaves only, and the others stay at w
+    (SAM-ON, Mueller et al., 2023: perturbing only the normalization
+    layers).
+  - ``layout`` -- how the step lies over devices and over the batch: None
+    (one device, the whole batch), `sam_optax.PerDevice` (inside `jax.pmap`
+    / `jax.shard_map`, one perturbation per device) or `sam_optax.Chunks`
+    (m-sharpness inside the step, or gradient accumulation with
+    ``shared=True``).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a `SAMState`.
