@@ -84,15 +84,35 @@ def mesh_chunks(mesh: jax.sharding.Mesh, axis: Hashable = 'data') -> MeshChunks:
   ``sam(loss_fn, rho, layout=Chunks(m, mode=mesh_chunks(mesh)))`` evaluates
   the chunks of m examples in parallel, each device holding
   ``chunks / mesh.shape[axis]`` of them; the number of chunks in a batch must
-  be a multiple of the axis size. Explicit axes (`jax.make_mesh`'s default)
-  and `jax.sharding.AxisType.Auto` axes both work.
+  be a multiple of the axis size.
+
+  **Put the parameters on the mesh, replicated** (``jax.device_put(params,
+  NamedSharding(mesh, P()))``). With explicit mesh axes (`jax.make_mesh`'s
+  default) JAX refuses the contraction between a sharded batch and weights
+  that are not on the mesh, in your own ``jax.grad`` already
+  (``ShardingTypeError: Contracting dimensions are sharded``). Models whose
+  loss reduces over the batch in ways explicit axes cannot type (Flax NNX
+  BatchNorm statistics, for one) need a mesh with
+  ``axis_types=(jax.sharding.AxisType.Auto,)``. Both axis types are tested.
 
   Examples:
-    >>> import jax, sam_optax
+    >>> import jax, jax.numpy as jnp, optax, sam_optax
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
     >>> mesh = jax.make_mesh((len(jax.devices()),), ('data',))
-    >>> layout = sam_optax.Chunks(4, mode=sam_optax.mesh_chunks(mesh, 'data'))
-    >>> layout.mode.size == len(jax.devices())
-    True
+    >>> def loss_fn(params, x):
+    ...   return jnp.mean((x @ params['w']) ** 2)
+    >>> params = jax.device_put({'w': jnp.ones(3)}, NamedSharding(mesh, P()))
+    >>> batch = sam_optax.shard_batch(
+    ...     {'x': jnp.ones((4 * len(jax.devices()), 3))}, mesh)
+    >>> tx = sam_optax.sam(loss_fn, rho=0.05, layout=sam_optax.Chunks(
+    ...     4, mode=sam_optax.mesh_chunks(mesh, 'data')))
+    >>> @jax.jit
+    ... def step(params, state, batch):
+    ...   grads = jax.grad(loss_fn)(params, **batch)
+    ...   return tx.update(grads, state, params, **batch)
+    >>> updates, state = step(params, tx.init(params), batch)
+    >>> updates['w'].shape
+    (3,)
 
   Args:
     mesh: a `jax.sharding.Mesh`.

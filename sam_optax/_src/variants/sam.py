@@ -64,6 +64,14 @@ def sam(
   that is negative or NaN (from a schedule or `sam_optax.inject_hyperparams`)
   makes the update NaN rather than being clamped.
 
+  Inside `optax.MultiSteps` the chain runs once per k micro-batches with the
+  accumulated gradient and the last micro-batch's keyword arguments: the
+  perturbation follows the accumulated gradient but the re-gradient sees the
+  last micro-batch only -- neither SAM on the accumulated batch nor
+  m-sharpness. For SAM on a batch too large for memory use
+  ``layout=sam_optax.Chunks(m, shared=True)`` with the clean gradient from
+  `sam_optax.chunked_value_and_grad`, which equals full-batch SAM.
+
   Examples:
     >>> import jax, jax.numpy as jnp, optax, sam_optax
     >>> def loss_fn(params, batch):
