@@ -1,0 +1,132 @@
+"""GSAM: surrogate gap guided SAM (Zhuang et al., 2022)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+
+from sam_optax._src.core import tree_math
+from sam_optax._src.core import validation
+from sam_optax._src.pipeline import transformation
+from sam_optax._src.pipeline import variant as variant_lib
+from sam_optax._src.variants import sam as sam_lib
+
+
+def residual(a, b):
+  """(a minus its projection on b, in float32): a - <a, b_hat> b_hat.
+
+  ``b_hat = b / ||b||``, zero for a zero ``b`` (then the residual is ``a``).
+  """
+  a = jax.tree.map(tree_math.wide, a)
+  b = jax.tree.map(tree_math.wide, b)
+  unit = tree_math.tree_scale(tree_math.safe_inverse(tree_math.tree_norm(b)),
+                              b)
+  return tree_math.tree_add_scaled(a, -tree_math.tree_vdot(a, unit), unit)
+
+
+def _combine(minimize_fp: bool):
+  """GSAM's combine: g1 - alpha g0_perp (or g0 + alpha g1_perp)."""
+
+  def combine(ctx: variant_lib.Context) -> variant_lib.Step:
+    loss, perturbed = ctx.perturbed()
+    alpha = ctx.hyperparams['alpha']
+    clean = jax.tree.map(tree_math.wide, ctx.clean_grad)
+    perturbed = jax.tree.map(tree_math.wide, perturbed)
+    if minimize_fp:
+      out = tree_math.tree_add_scaled(perturbed, -alpha,
+                                      residual(clean, perturbed))
+    else:
+      out = tree_math.tree_add_scaled(clean, alpha,
+                                      residual(perturbed, clean))
+    return variant_lib.Step(out, loss, ctx.state)
+
+  return combine
+
+
+@transformation.transformation
+def gsam(
+    loss_fn: Callable[..., Any],
+    rho: variant_lib.ScalarOrSchedule = 0.05,
+    alpha: variant_lib.ScalarOrSchedule = 0.4,
+    *,
+    minimize_fp: bool = True,
+) -> variant_lib.Variant:
+  r"""GSAM: SAM's gradient, minus the clean gradient's part across it.
+
+  GSAM minimizes the perturbed loss :math:`f_p(w) = L(w + \epsilon)` and the
+  surrogate gap :math:`h(w) = f_p(w) - L(w)` together. With SAM's ascent
+  :math:`\epsilon = \rho\, g_0/\|g_0\|` and :math:`g_1 = \nabla L(w +
+  \epsilon)`, it splits the clean gradient into its parts along and across
+  :math:`g_1` and descends along :math:`g_1` while ascending the clean loss
+  across it (which lowers the gap without changing :math:`f_p` to first
+  order):
+
+  .. math::
+
+    \hat g_1 = \frac{g_1}{\|g_1\|}, \qquad
+    g_0^\perp = g_0 - \langle g_0, \hat g_1\rangle\, \hat g_1, \qquad
+    g = g_1 - \alpha\, g_0^\perp.
+
+  ``alpha=0`` is SAM. With ``minimize_fp=False`` (big_vision's option, which
+  minimizes the clean loss and the gap instead) the roles swap:
+  :math:`g = g_0 + \alpha\,(g_1 - \langle g_1, \hat g_0\rangle \hat g_0)`;
+  it trains closer to plain SGD, with fewer loss spikes (big_vision's note).
+
+  The paper ties rho to the learning rate; pass
+  ``rho=sam_optax.rho_proportional_to_lr(...)`` for that schedule. A zero
+  :math:`g_1` has a zero unit vector, so :math:`g_0^\perp = g_0`.
+
+  **Peers.** This agrees with pytorch-optimizer's ``GSAM``
+  (``gradient_decompose``) and with big_vision's
+  ``trainers/proj/gsam/gsam.py`` (``gsam_gradient``), up to their stability
+  constants: pytorch-optimizer divides by ``||g0|| + 1e-12``,
+  ``||g1|| + 1e-12`` and ``||g0|| ||g1|| + 1e-12``, big_vision by
+  ``||g0|| + 1e-12`` in the ascent and by the bare norms in the
+  decomposition (NaN for a zero gradient); here every division is exact and
+  zero-safe. big_vision returns the clean loss; ``perturbed_loss`` in the
+  state is :math:`L(w + \epsilon)`. Its ``adaptive_perturbation`` (an
+  ascent scaled by ``|w|``) is not ASAM's metric and is not offered here.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, sam_optax
+    >>> def loss_fn(params, batch):
+    ...   return jnp.mean((batch['x'] @ params['w'] - batch['y']) ** 2)
+    >>> params = {'w': jnp.array([1.0, -0.5, 0.25])}
+    >>> batch = {'x': jnp.array([[1.0, 2.0, 0.0], [0.0, 1.0, 3.0]]),
+    ...          'y': jnp.array([1.0, -1.0])}
+    >>> tx = optax.chain(sam_optax.gsam(loss_fn, rho=0.1, alpha=0.4),
+    ...                  optax.sgd(0.1))
+    >>> state = tx.init(params)
+    >>> grads = jax.grad(loss_fn)(params, batch=batch)
+    >>> updates, state = tx.update(grads, state, params, batch=batch)
+    >>> print(updates['w'])
+    [ 0.0236... -0.0114...  0.0616...]
+
+  Args:
+    loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar loss, or
+      ``(loss, aux)`` with ``has_aux=True``.
+    rho: radius of the ascent, a number >= 0 or a schedule (see
+      `sam_optax.rho_proportional_to_lr`).
+    alpha: weight of the gap term, a number >= 0 or a schedule (the paper
+      uses values in [0, 1]; 0.4 is pytorch-optimizer's default).
+    minimize_fp: True (the paper): minimize the perturbed loss and the gap;
+      False: minimize the clean loss and the gap (big_vision's option).
+
+  ``ascent_steps``, ``has_aux``, ``perturbation_mask`` and ``layout`` work
+  as in `sam` (with a mask, g0 and g1 are still whole gradients).
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose state is a `SAMState`.
+
+  References:
+    Zhuang et al., `Surrogate Gap Minimization Improves Sharpness-Aware
+    Training <https://arxiv.org/abs/2203.08065>`_, ICLR 2022.
+  """
+  del loss_fn  # the pipeline takes it
+  validation.check_bool('gsam', 'minimize_fp', minimize_fp)
+  return variant_lib.Variant(
+      name='gsam', hyperparams={'rho': rho, 'alpha': alpha},
+      state=sam_lib.SAMState, combine=_combine(minimize_fp),
+      init=lambda params: sam_lib.SAMState(
+          **variant_lib.initial_diagnostics()))
