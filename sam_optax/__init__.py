@@ -8,14 +8,26 @@ Sharpness-aware training is a one-line change to an optax optimizer::
 
 from sam_optax._src.core.accumulation import chunked_value_and_grad
 from sam_optax._src.core.inject import inject_hyperparams
+from sam_optax._src.core.masks import normalization_mask
 from sam_optax._src.core.mesh import MeshChunks
 from sam_optax._src.core.mesh import mesh_chunks
 from sam_optax._src.core.mesh import shard_batch
+from sam_optax._src.core.schedules import rho_proportional_to_lr
 from sam_optax._src.pipeline.layouts import Chunks
 from sam_optax._src.pipeline.layouts import PerDevice
 from sam_optax._src.variants.asam import asam
+from sam_optax._src.variants.bsam import BSAMState
+from sam_optax._src.variants.bsam import bsam
+from sam_optax._src.variants.friendly_sam import FriendlySAMState
+from sam_optax._src.variants.friendly_sam import friendly_sam
+from sam_optax._src.variants.gsam import gsam
 from sam_optax._src.variants.sam import SAMState
 from sam_optax._src.variants.sam import sam
+from sam_optax._src.variants.vasso import VaSSOState
+from sam_optax._src.variants.vasso import vasso
+from sam_optax._src.variants.wsam import DecoupledWSAMState
+from sam_optax._src.variants.wsam import WSAMState
+from sam_optax._src.variants.wsam import wsam
 from sam_optax._src.variants.xsam import XSAMState
 from sam_optax._src.variants.xsam import xsam
 from sam_optax import sharpness
@@ -23,17 +35,29 @@ from sam_optax import sharpness
 __version__ = '0.1.0'
 
 __all__ = (
+    'BSAMState',
     'Chunks',
+    'DecoupledWSAMState',
+    'FriendlySAMState',
     'MeshChunks',
     'PerDevice',
     'SAMState',
+    'VaSSOState',
+    'WSAMState',
     'XSAMState',
     'asam',
+    'bsam',
     'chunked_value_and_grad',
+    'friendly_sam',
+    'gsam',
     'inject_hyperparams',
     'mesh_chunks',
+    'normalization_mask',
+    'rho_proportional_to_lr',
     'sam',
     'shard_batch',
     'sharpness',
+    'vasso',
+    'wsam',
     'xsam',
 )

@@ -41,6 +41,18 @@ VARIANTS = [
     Variant('asam', sam_optax.asam, {'eta': 0.01}),
     Variant('xsam', sam_optax.xsam, {'probe_every': 1, 'rho_max': 0.02}),
     Variant('sign_sam_of_design_doc', design_doc_variant()),
+    Variant('gsam', sam_optax.gsam, {'alpha': 0.4}),
+    # gamma 0.6 (alpha 1.5): the quadratic's SAM-like orbit, scaled by alpha,
+    # stays within the convergence test's tolerance.
+    Variant('wsam', sam_optax.wsam, {'decouple': False, 'gamma': 0.6}),
+    # Friendly SAM and VaSSO keep a gradient average whose first step is SAM.
+    # test_rho_schedule_is_evaluated_on_own_count compares step k of a
+    # running transformation with a fresh one (stateless by assumption), so
+    # their rows run the average with the ascent following g0 itself (sigma=0,
+    # theta=1): the battery checks their state's plumbing; their math with
+    # the defaults, over steps and layouts, is checked in test_family.py.
+    Variant('friendly_sam', sam_optax.friendly_sam, {'sigma': 0.0}),
+    Variant('vasso', sam_optax.vasso, {'theta': 1.0}),
 ]
 
 # The layout battery (test_layouts.py) compares a layout with the variant run

@@ -97,7 +97,7 @@ def friendly_sam(
     ...   updates, state = tx.update(grads, state, params, batch=batch)
     ...   params = optax.apply_updates(params, updates)
     >>> print(params['w'])
-    [ 1.03...  -0.46...  0.07...]
+    [ 1.1871... -0.2406... -0.0946...]
     >>> print(state[0].momentum.shape)
     (3,)
 

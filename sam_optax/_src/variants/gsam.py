@@ -101,7 +101,7 @@ def gsam(
     >>> grads = jax.grad(loss_fn)(params, batch=batch)
     >>> updates, state = tx.update(grads, state, params, batch=batch)
     >>> print(updates['w'])
-    [ 0.0236... -0.0114...  0.0616...]
+    [ 0.1019...  0.0515... -0.4569...]
 
   Args:
     loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar loss, or

@@ -91,7 +91,7 @@ def vasso(
     ...   updates, state = tx.update(grads, state, params, batch=batch)
     ...   params = optax.apply_updates(params, updates)
     >>> print(params['w'])
-    [ 1.03...  -0.46...  0.07...]
+    [ 1.1953... -0.2766... -0.2517...]
 
   Args:
     loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar loss, or

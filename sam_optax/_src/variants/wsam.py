@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Union
+import inspect
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax._src.core import directions
 from sam_optax._src.core import tree_math
 from sam_optax._src.core import validation
-from sam_optax._src.pipeline import layouts
 from sam_optax._src.pipeline import transformation
 from sam_optax._src.pipeline import variant as variant_lib
 from sam_optax._src.variants import bounds
@@ -146,10 +145,7 @@ def wsam(
     decouple: bool = True,
     base_optimizer: Optional[optax.GradientTransformation] = None,
     learning_rate: Optional[ScalarOrSchedule] = None,
-    ascent_steps: int = 1,
-    has_aux: bool = False,
-    perturbation_mask: Optional[directions.LeafMask] = None,
-    layout: Optional[Union[layouts.Chunks, layouts.PerDevice]] = None,
+    **options,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Weighted SAM: the clean loss plus a weighted sharpness term.
 
@@ -207,7 +203,7 @@ def wsam(
     >>> grads = jax.grad(loss_fn)(params, batch=batch)
     >>> updates, state = tx.update(grads, state, params, batch=batch)
     >>> print(updates['w'])
-    [-0.01...  0.00...  -0.01...]
+    [ 0.0125...  0.0044... -0.0418...]
     >>> coupled = optax.chain(sam_optax.wsam(loss_fn, decouple=False),
     ...                       optax.sgd(0.1))
 
@@ -224,12 +220,11 @@ def wsam(
       :math:`g_0` (required); must be None with ``decouple=False``.
     learning_rate: with ``decouple=True``, the rate of the sharpness step (a
       number or a schedule); None reads it from an injected base optimizer.
-    ascent_steps: number of normalized ascent steps (k >= 1).
-    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-    perturbation_mask: which parameters are perturbed (see `sam`).
-    layout: None, `sam_optax.PerDevice` or `sam_optax.Chunks` (see `sam`);
-      decoupled, the base optimizer gets the mean clean gradient and the
-      sharpness gradient is the mean over the perturbation groups.
+
+  ``ascent_steps``, ``has_aux``, ``perturbation_mask`` and ``layout`` work
+  as in `sam`; decoupled under a layout, the base optimizer gets the mean
+  clean gradient and the sharpness gradient is the mean over the
+  perturbation groups.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`: coupled, its state is a
@@ -240,9 +235,7 @@ def wsam(
     as a Regularization Term <https://arxiv.org/abs/2305.15817>`_, KDD 2023.
   """
   validation.check_bool('wsam', 'decouple', decouple)
-  common = dict(ascent_steps=ascent_steps, has_aux=has_aux,
-                perturbation_mask=perturbation_mask, layout=layout)
-  part = _sharpness_part(loss_fn, rho, gamma, decouple, **common)
+  part = _sharpness_part(loss_fn, rho, gamma, decouple, **options)
   if not decouple:
     if base_optimizer is not None or learning_rate is not None:
       raise ValueError(
@@ -259,3 +252,13 @@ def wsam(
   if learning_rate is not None:
     validation.check_hyperparameter('wsam', 'learning_rate', learning_rate)
   return decoupled_step(part, base_optimizer, learning_rate)
+
+
+# The options every variant takes (ascent_steps, has_aux, ...) are those of
+# the pipeline, forwarded through **options: show them in the signature.
+_signature = inspect.signature(wsam)
+wsam.__signature__ = _signature.replace(parameters=[
+    p for p in _signature.parameters.values()
+    if p.kind is not inspect.Parameter.VAR_KEYWORD] + [
+        p for name, p in inspect.signature(_sharpness_part).parameters.items()
+        if name not in ('loss_fn', 'rho', 'gamma', 'decouple')])
