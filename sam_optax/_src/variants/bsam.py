@@ -101,16 +101,18 @@ def bsam(
 
   bSAM keeps a Gaussian posterior :math:`\mathcal N(w, \mathrm{diag}(1 /
   (N s)))` over the weights and, at every step (all operations
-  elementwise, :math:`\delta = \) ``prior_prec`` :math:`/ N`):
+  elementwise, :math:`\delta` = ``prior_prec / num_data``):
 
   .. math::
 
+    \begin{aligned}
     \theta &= w + \xi / \sqrt{N s}, \quad \xi \sim \mathcal N(0, I),
     \qquad g = \nabla L(\theta), \\
     g_\epsilon &= \nabla L(w + \rho\, g / s), \\
     m &\leftarrow \beta_1 m + (1 - \beta_1)(g_\epsilon + \delta w), \\
     w &\leftarrow w - \alpha\, m / s, \\
     s &\leftarrow \beta_2 s + (1 - \beta_2)(\sqrt{s\, g^2} + d + \delta),
+    \end{aligned}
 
   with the old :math:`s` in the weight update and in the noise. The ascent
   is not normalized: :math:`\rho\, g / s` is SAM's step in the posterior's
