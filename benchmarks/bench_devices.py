@@ -2,15 +2,16 @@
 
 Part 1, on 8 fake CPU devices (`jax.shard_map`, a small CNN, the batch split
 over the devices): the time of one training step of data-parallel SGD, of SAM
-with a per-device perturbation (``axis_name=``) and of SAM with a synced
-perturbation (``sync_perturbation=True``), with the number of all-reduce ops
+with a per-device perturbation (``layout=sam_optax.PerDevice(axis)``) and of SAM with a
+synced perturbation (``PerDevice(axis, sync=True)``), with the number of all-reduce ops
 in each compiled step. The fake devices share this machine's cores, so times
 measure total work, not a speed-up.
 
 Part 2, on one device: a SAM step whose batch is split into chunks of m
-examples (in-device m-sharpness), ``'sequential'`` (`jax.lax.scan`) against
-``'vectorized'`` (`jax.vmap`), next to plain SAM and to SAM with gradient
-accumulation (``shared_perturbation=True`` with the clean gradient from
+examples (in-device m-sharpness, ``layout=sam_optax.Chunks(m, mode=...)``),
+``'sequential'`` (`jax.lax.scan`) against ``'vectorized'`` (`jax.vmap`), next
+to plain SAM and to SAM with gradient accumulation
+(``Chunks(m, shared=True)`` with the clean gradient from
 `sam_optax.chunked_value_and_grad`): time per step and the compiled
 executable's memory (XLA memory analysis: temporaries, and the total with
 arguments and outputs).
@@ -91,9 +92,10 @@ def part_devices(args):
   setups = {
       'data-parallel SGD': sgd,
       'SAM, per-device perturbation': optax.chain(
-          sam_optax.sam(cnn_loss, RHO, axis_name='d'), sgd),
+          sam_optax.sam(cnn_loss, RHO, layout=sam_optax.PerDevice('d')), sgd),
       'SAM, synced perturbation': optax.chain(
-          sam_optax.sam(cnn_loss, RHO, axis_name='d', sync_perturbation=True),
+          sam_optax.sam(cnn_loss, RHO,
+                        layout=sam_optax.PerDevice('d', sync=True)),
           sgd),
   }
   params = cnn_init(jax.random.key(0), channels=args.channels)
@@ -168,14 +170,13 @@ def part_chunks(args, model):
       f'SAM, no chunks (m={args.batch})': (
           sam_optax.sam(loss_fn, RHO), None),
       f'SAM chunks m={m}, sequential': (
-          sam_optax.sam(loss_fn, RHO, chunk_size=m,
-                        chunk_mode='sequential'), None),
+          sam_optax.sam(loss_fn, RHO,
+                        layout=sam_optax.Chunks(m, mode='sequential')), None),
       f'SAM chunks m={m}, vectorized': (
-          sam_optax.sam(loss_fn, RHO, chunk_size=m,
-                        chunk_mode='vectorized'), None),
+          sam_optax.sam(loss_fn, RHO,
+                        layout=sam_optax.Chunks(m, mode='vectorized')), None),
       f'SAM + gradient accumulation, chunks of {m}, sequential': (
-          sam_optax.sam(loss_fn, RHO, chunk_size=m,
-                        shared_perturbation=True),
+          sam_optax.sam(loss_fn, RHO, layout=sam_optax.Chunks(m, shared=True)),
           sam_optax.chunked_value_and_grad(loss_fn, m)),
   }
   fns, mems, update_mems = {}, {}, {}
@@ -229,7 +230,7 @@ but runs them as one batched program. On XLA:CPU a convolution inside a
 (https://github.com/jax-ml/jax/issues/12868), which is why the CNN's
 sequential rows cost so much more than the MLP's; prefer `'vectorized'` on
 CPU when the memory allows. Gradient accumulation
-(`shared_perturbation=True` with `chunked_value_and_grad`, equal to
+(`layout=Chunks(m, shared=True)` with `chunked_value_and_grad`, equal to
 full-batch SAM in tests/test_devices.py) runs the step in the memory of one
 chunk.'''
 
@@ -244,8 +245,9 @@ def main(argv=None):
   parser.add_argument('--repeats', type=int, default=15)
   parser.add_argument('--calls', type=int, default=5)
   parser.add_argument('--quick', action='store_true',
-                      help='tiny sizes and 2 rounds, for a smoke test (prints'
-                      ' only, leaves benchmarks/results alone)')
+                      help='tiny sizes, 2 rounds and the chunks on the MLP'
+                      ' only, for a smoke test (prints only, leaves'
+                      ' benchmarks/results alone)')
   parser.add_argument('--no-write', action='store_true',
                       help='print only; leave benchmarks/results alone')
   args = parser.parse_args(argv)
@@ -256,7 +258,7 @@ def main(argv=None):
   devices_md, counts = part_devices(args)
   print(devices_md, flush=True)
   chunk_sections, mems = [], {}
-  for model in ('mlp', 'cnn'):
+  for model in ('mlp',) if args.quick else ('mlp', 'cnn'):
     chunks_md, mems[model] = part_chunks(args, model)
     print(chunks_md, flush=True)
     chunk_sections += [chunks_md, '']

@@ -26,6 +26,7 @@ sys.path.insert(0, HERE)
 BENCHMARKS = {
     'step': 'bench_step.py',
     'memory': 'bench_memory.py',
+    'scale': 'bench_scale.py',
     'xsam': 'bench_xsam.py',
     'devices': 'bench_devices.py',
     'hessian': 'bench_hessian.py',

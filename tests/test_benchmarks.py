@@ -37,3 +37,27 @@ def test_benchmark_runs_quick(name, tmp_path, monkeypatch):
 def test_run_all_knows_every_benchmark():
   run_all = importlib.import_module('run_all')
   assert set(run_all.BENCHMARKS.values()) == {f'{s}.py' for s in SCRIPTS}
+
+
+def test_scale_hlo_counts_see_the_ops():
+  """bench_scale's HLO parsing finds fusions, reductions and selects.
+
+  A change in XLA's text format would otherwise turn its op counts into
+  silent zeros.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  bench_scale = importlib.import_module('bench_scale')
+  params = {'w': jnp.ones((64, 64))}
+
+  def step(params, x):
+    y = jnp.where(x > 0, params['w'] * x, 0.0)
+    return {'w': params['w'] - y}, jnp.sum(y * y)
+
+  compiled = jax.jit(step).lower(params, jnp.ones((64, 64))).compile()
+  counts = bench_scale.hlo_counts(compiled, params)
+  assert counts['fusions'] >= 1
+  assert counts['reduce'] + counts['reduce-window'] >= 1
+  assert counts['select'] >= 1
+  assert counts['weight passes'] >= 1 and counts['weight leaves'] == 1
+  assert sum(bench_scale.kernel_census(compiled).values()) >= 1
