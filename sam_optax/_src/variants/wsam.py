@@ -105,13 +105,17 @@ def _learning_rate(learning_rate, count, base_state):
   if learning_rate is not None:
     value = learning_rate(count) if callable(learning_rate) else learning_rate
     return jnp.asarray(value, jnp.float32)
-  injected = optax.tree_utils.tree_get(base_state, 'learning_rate', None)
-  if injected is None:
+  has_rate = lambda x: 'learning_rate' in (getattr(x, 'hyperparams', None)
+                                            or {})
+  injected = [x.hyperparams['learning_rate'] for x in jax.tree.leaves(
+      base_state, is_leaf=has_rate) if has_rate(x)]
+  if len(injected) != 1:
     raise ValueError(
         'wsam: decouple=True needs the learning rate: pass learning_rate='
         ' (a number or the schedule the base optimizer uses), or build the'
         ' base optimizer with optax.inject_hyperparams so that its state'
-        " holds 'learning_rate'.")
+        f" holds one 'learning_rate' (found {len(injected)}).")
+  injected = injected[0]
   return jnp.asarray(injected, jnp.float32)
 
 
