@@ -27,12 +27,14 @@ TINY_FLAGS = {
                      '--plot', 'plain_jax.png'],
     'flax_nnx.py': ['--quick', '--no-progress'],
     'flax_linen_batchnorm.py': ['--quick', '--no-progress'],
+    'equinox_mlp.py': ['--quick', '--no-progress'],
     'demo.py': ['--quick', '--no-progress'],
     'msharpness.py': ['--quick', '--no-progress'],
 }
 
 # The examples this suite must always find (others are run when present).
-REQUIRED = ('plain_jax.py', 'flax_nnx.py', 'flax_linen_batchnorm.py')
+REQUIRED = ('plain_jax.py', 'flax_nnx.py', 'flax_linen_batchnorm.py',
+            'equinox_mlp.py', 'demo.py', 'msharpness.py')
 
 
 def defines_main(path: pathlib.Path) -> bool:
@@ -127,10 +129,141 @@ def test_plain_jax_writes_its_plot(tmp_path_factory):
 
 
 def test_flax_nnx_trains(tmp_path_factory):
+  # main() itself checks, on the first and last step, that the stored
+  # statistics are the clean pass's and that SAM's perturbed loss is
+  # L(w + eps) under the same dropout mask.
   result, _, _ = run_example('flax_nnx.py', tmp_path_factory)
   assert result['steps'] > 0
   assert result['last_loss'] < result['first_loss']
   assert result['perturbed_minus_clean'] > 0  # L(w + eps) > L(w)
+  assert len(result['stats_gap']) == 2
+  assert all(gap > 0 for gap in result['stats_gap'])
+  assert math.isfinite(result['test_loss'])
+
+
+def test_flax_nnx_loss_leaves_the_closed_over_statistics_alone():
+  """copy=True: a training-mode pass writes into its own copy of the stats.
+
+  Without it, the forward pass would write into the closed-over
+  ``batch_stats`` -- from inside this jit, flax's TraceContextError.
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+
+  module = load('flax_nnx.py')
+  # The --quick sizes: the eager initialization is then already compiled.
+  model = module.MLP(40, 32, 10, 0.5, rngs=nnx.Rngs(0))
+  graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  before = [np.array(v) for v in jax.tree.leaves(batch_stats)]
+  x = np.sin(np.arange(50 * 40, dtype=np.float32)).reshape(50, 40)
+  y = np.arange(50, dtype=np.int32) % 10
+  loss_fn = jax.jit(module.make_loss_fn(graphdef, batch_stats))
+  key = jax.random.key(0)
+  loss, new_stats = loss_fn(params, x, y, key)
+  for want, got in zip(before, jax.tree.leaves(batch_stats)):
+    np.testing.assert_array_equal(got, want)
+  assert max(float(np.max(np.abs(np.asarray(a) - b))) for a, b in zip(
+      jax.tree.leaves(new_stats), before)) > 1e-3
+  # The same key gives the same dropout mask, hence the same loss.
+  np.testing.assert_allclose(loss_fn(params, x, y, key)[0], loss, rtol=1e-6)
+  assert abs(float(loss_fn(params, x, y, jax.random.key(1))[0])
+             - float(loss)) > 1e-6
+
+
+def test_flax_nnx_chunks_keep_the_statistics_whole(tmp_path_factory):
+  """layout=Chunks(25): x and y are split, the key and the statistics not."""
+  module = load('flax_nnx.py')
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    result = module.main(['--quick', '--no-progress', '--chunks', '25'])
+  assert result['chunks'] == 25 and result['steps'] > 0
+  assert result['perturbed_minus_clean'] > 0
+  assert all(gap > 0 for gap in result['stats_gap'])
+  assert 'm=25' in out.getvalue()
+
+
+def test_equinox_trains(tmp_path_factory):
+  # main() itself checks SAM's first perturbed loss against one by hand.
+  result, _, _ = run_example('equinox_mlp.py', tmp_path_factory)
+  assert result['steps'] > 0
+  assert result['last_loss'] < result['first_loss'] - 0.05
+  assert result['perturbed_minus_clean'] > 0
+  np.testing.assert_allclose(result['first_perturbed_loss'],
+                             result['first_perturbed_loss_by_hand'],
+                             rtol=1e-4)
+  assert result['first_perturbed_loss'] > result['first_loss']
+  assert result['train_acc'] > 0.15  # chance is 0.1
+
+
+def test_msharpness_layouts():
+  """Each m maps to the layout that perturbs once per m examples."""
+  import sam_optax  # pylint: disable=g-import-not-at-top
+
+  module = load('msharpness.py')
+  axis = module.AXIS
+  # A batch of 64 on 8 devices: 8 examples per device.
+  layouts = {m: module.make_layout(m, 64, 8, 'vectorized')
+             for m in (4, 8, 32, 64)}
+  assert layouts[4] == sam_optax.PerDevice(
+      axis, chunks=sam_optax.Chunks(4, mode='vectorized'))
+  assert layouts[8] == sam_optax.PerDevice(axis)
+  assert layouts[32] == sam_optax.PerDevice(
+      axis, sync=True, groups=[[0, 1, 2, 3], [4, 5, 6, 7]])
+  assert layouts[64] == sam_optax.PerDevice(axis, sync=True)
+  for m in (3, 24, 48):
+    with pytest.raises(ValueError):
+      module.check_m(m, 64, 8)
+
+
+def test_demo_times_every_optimizer_against_sgd(tmp_path_factory):
+  rows, out, folder = run_example('demo.py', tmp_path_factory)
+  by_name = {row['name']: row for row in rows}
+  assert set(by_name) == {'sgd', 'sam', 'asam', 'xsam'}
+  timed = len(by_name['sgd']['epoch_seconds'])
+  assert timed == 2  # --quick: 3 epochs, the first untimed
+  steps = 8  # 800 training examples, batch 100
+  for row in rows:
+    seconds = np.asarray(row['epoch_seconds'])
+    assert len(seconds) == timed and np.all(seconds > 0)
+    # The figures printed are the medians of what was measured.
+    np.testing.assert_allclose(row['ms_per_step'],
+                               1e3 * np.median(seconds) / steps)
+    np.testing.assert_allclose(row['x_sgd'], np.median(
+        seconds / np.asarray(by_name['sgd']['epoch_seconds'])))
+    assert f'{row["ms_per_step"]:.2f}' in out and f'{row["x_sgd"]:.2f}' in out
+  assert by_name['sgd']['x_sgd'] == 1.0
+  assert 'x SGD' in out
+  assert (folder / 'out' / 'demo_test_accuracy.png').stat().st_size > 1000
+
+
+def test_demo_round_robin_order_and_warm_up():
+  """Every round runs each optimizer once; round 0 is not timed."""
+  module = load('demo.py')
+  calls, now = [], [0.0]
+
+  def clock():
+    return now[0]
+
+  def run_epoch(name, epoch):
+    calls.append((epoch, name))
+    now[0] += {'a': 1.0, 'b': 3.0, 'c': 2.0}[name] * (10 if epoch == 0 else 1)
+
+  rounds = []
+  seconds = module.round_robin('abc', 4, run_epoch,
+                               before_round=rounds.append, clock=clock)
+  assert rounds == [0, 1, 2, 3]
+  assert [name for _, name in calls] == list('abcbcacabab' 'c')
+  for epoch in range(4):  # each round: every optimizer once, in its epoch
+    assert sorted(n for e, n in calls if e == epoch) == ['a', 'b', 'c']
+  assert seconds == {'a': [1.0] * 3, 'b': [3.0] * 3, 'c': [2.0] * 3}
+  summary = module.timing_summary(seconds, steps_per_epoch=10,
+                                  reference='a')
+  assert summary == {'a': (100.0, 1.0), 'b': (300.0, 3.0),
+                     'c': (200.0, 2.0)}
+  # Without the reference, or without a timed epoch, nothing is made up.
+  assert module.timing_summary({'b': [3.0]}, 10) == {'b': (300.0, None)}
+  assert module.timing_summary({'sgd': [], 'b': []}, 10) == {
+      'sgd': (None, None), 'b': (None, None)}
 
 
 def test_flax_linen_keeps_clean_statistics(tmp_path_factory):
