@@ -13,17 +13,18 @@ The four traps, and how the code below avoids them:
    The states from ``nnx.split`` hold ``nnx.Variable`` objects, and merging
    without ``copy=True`` puts those very objects into the model: the forward
    pass in training mode then writes the new running statistics into the
-   caller's ``batch_stats``. Inside SAM's perturbed pass (a deeper trace
-   than the train step) that raises flax's ``TraceContextError`` ("Cannot
-   mutate BatchStat from a different trace level"); called eagerly it
-   silently overwrites the statistics. (Merging ``nnx.as_pure`` states, plain
+   caller's ``batch_stats``. Inside a gradient pass (a deeper trace than the
+   jitted step that holds ``batch_stats``) that raises flax's
+   ``TraceContextError`` ("Cannot mutate BatchStat from a different trace
+   level"); called eagerly it silently overwrites the statistics. (Merging ``nnx.as_pure`` states, plain
    arrays, is the other way out.)
 2. The batch statistics are closed over by ``loss_fn`` -- ``make_loss_fn(
    graphdef, batch_stats)`` is called inside the step -- not passed to
    ``tx.update`` as a keyword. Every keyword argument with a leading
    dimension counts as per-example data for the chunk layouts
-   (``layout=sam_optax.Chunks(m)``, ``--chunks``), which would try to split
-   a (hidden,) mean into chunks. Since ``loss_fn`` changes every step, so
+   (``layout=sam_optax.Chunks(m)``, ``--chunks``), which would take a
+   (hidden,) mean for a batch: an error when ``hidden`` differs from the
+   batch size, chunks of statistics when it does not. Since ``loss_fn`` changes every step, so
    does the transformation built on it: ``make_tx(loss_fn)`` is called
    inside the jitted step (an optax transformation is a pair of pure
    functions, so this costs nothing at run time; its state does not depend
@@ -40,8 +41,9 @@ The four traps, and how the code below avoids them:
    (``jax.random.key``, a scalar, so no chunk layout splits it) is passed to
    ``tx.update(..., dropout_key=key)``, which forwards it to ``loss_fn``;
    the loss builds ``nnx.Rngs(dropout=key)`` from it in each pass. On the
-   first step the example checks that the perturbed loss SAM records equals
-   L(w + eps) computed by hand with that key (eps = rho g / ||g||).
+   first and the last step the example checks that the perturbed loss SAM
+   records equals L(w + eps) computed by hand with that key (eps = rho g /
+   ||g||), and that another key would have given another value.
 
 ``adamw``'s weight decay acts on the clean weights w, not on w + eps.
 
@@ -176,15 +178,21 @@ def make_steps(graphdef, make_tx, rho: float):
 
   @jax.jit
   def reference(params, batch_stats, x, y, dropout_key):
-    """The clean and the perturbed pass by hand: (stats, loss) of each."""
+    """The clean and the perturbed pass by hand.
+
+    Returns the clean statistics, the perturbed ones, L(w + eps) with
+    ``dropout_key`` and L(w + eps) with another key (another mask).
+    """
     loss_fn = make_loss_fn(graphdef, batch_stats)
-    (clean_loss, clean), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    (_, clean), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params, x, y, dropout_key)
     norm = optax.tree.norm(grads)
     eps = jax.tree.map(lambda g: rho * g / jnp.maximum(norm, 1e-12), grads)
-    perturbed_loss, perturbed = loss_fn(
-        optax.apply_updates(params, eps), x, y, dropout_key)
-    return (clean, clean_loss), (perturbed, perturbed_loss)
+    perturbed_params = optax.apply_updates(params, eps)
+    perturbed_loss, perturbed = loss_fn(perturbed_params, x, y, dropout_key)
+    other_mask_loss, _ = loss_fn(perturbed_params, x, y,
+                                 jax.random.fold_in(dropout_key, 1))
+    return clean, perturbed, perturbed_loss, other_mask_loss
 
   return train_step, evaluate, reference
 
@@ -201,9 +209,11 @@ def check_step(reference, before, stored_stats, sam_state, x, y, key,
   ``before`` is ``(params, batch_stats)`` going into the step. The stored
   statistics must be the clean pass's (and not w + eps's); with
   ``check_perturbed_loss`` (plain SAM on the whole batch) the perturbed loss
-  in SAM's state must be L(w + eps) under the same dropout mask.
+  in SAM's state must be L(w + eps) under the same dropout mask (to float
+  precision), and another mask must give a visibly different value.
   """
-  (clean, _), (perturbed, perturbed_loss) = reference(*before, x, y, key)
+  clean, perturbed, perturbed_loss, other_mask_loss = reference(
+      *before, x, y, key)
   for got, want in zip(jax.tree.leaves(stored_stats), jax.tree.leaves(clean)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   gap = _max_gap(clean, perturbed)
@@ -211,7 +221,9 @@ def check_step(reference, before, stored_stats, sam_state, x, y, key,
   assert _max_gap(stored_stats, perturbed) > 0.5 * gap
   if check_perturbed_loss:
     np.testing.assert_allclose(sam_state.perturbed_loss, perturbed_loss,
-                               rtol=1e-4, atol=1e-5)
+                               rtol=1e-5)
+    assert abs(float(other_mask_loss - perturbed_loss)) > 1e-5 * abs(
+        float(perturbed_loss)), 'another dropout mask should show'
   return gap
 
 
