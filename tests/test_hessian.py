@@ -261,3 +261,112 @@ def test_errors():
   with pytest.raises(ValueError, match='bandwidth must be a finite number > 0'):
     sharpness.hessian_spectral_density(mlp_loss, PARAMS, bandwidth=0.0,
                                        loss_kwargs=BATCH)
+
+
+# --- opposite dominant eigenvalues, residuals, NaN, complex, has_aux --------
+
+PLUS_MINUS = np.array([2.0, -2.0, 1.0, 0.5, -0.25])
+
+
+def plus_minus_loss(w):
+  """L = w^T diag(2, -2, 1, 0.5, -0.25) w / 2: eigenvalues +2 and -2 tie."""
+  return 0.5 * jnp.sum(jnp.asarray(PLUS_MINUS, jnp.float32) * w ** 2)
+
+
+H_PM = np.asarray(jax.hessian(plus_minus_loss)(jnp.zeros(5)), np.float64)
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_power_iteration_with_opposite_dominant_eigenvalues(seed):
+  # The Rayleigh quotient of the swinging iterate is stable but wrong; the
+  # result must be +-2 with a true eigenvector, or say converged=False.
+  top = sharpness.hessian_top_eigenvalue(plus_minus_loss, jnp.zeros(5),
+                                         key=jax.random.key(seed))
+  assert bool(top.converged)
+  largest = np.abs(np.linalg.eigvalsh(H_PM)).max()
+  np.testing.assert_allclose(abs(float(top.eigenvalue)), largest, rtol=1e-3)
+  v = flat(top.eigenvector)
+  np.testing.assert_allclose(np.linalg.norm(v), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(H_PM @ v, float(top.eigenvalue) * v, atol=2e-2)
+
+
+def test_power_iteration_reports_no_convergence():
+  # Too few steps for a gap of 2 vs 1.9: converged=False, not a wrong claim.
+  loss_fn = lambda w: 0.5 * jnp.sum(jnp.asarray([2.0, 1.9, 0.1]) * w ** 2)
+  top = sharpness.hessian_top_eigenvalue(loss_fn, jnp.zeros(3),
+                                         num_iterations=3, tolerance=1e-6)
+  assert not bool(top.converged) and int(top.num_iterations) == 3
+  ok = sharpness.hessian_top_eigenvalue(mlp_loss, PARAMS, loss_kwargs=BATCH)
+  assert bool(ok.converged)
+
+
+def test_lanczos_opposite_eigenvalues_and_residuals():
+  out = sharpness.hessian_eigenvalues(plus_minus_loss, jnp.zeros(5), k=2,
+                                      which='magnitude', num_iterations=5)
+  np.testing.assert_allclose(np.sort(np.asarray(out.eigenvalues)), [-2, 2],
+                             atol=1e-4)
+  assert np.all(np.asarray(out.residuals) < 1e-4)
+  # A partial basis: the reported residuals are the true ||H y - theta y||.
+  part = sharpness.hessian_eigenvalues(mlp_loss, PARAMS, k=3,
+                                       num_iterations=6, loss_kwargs=BATCH)
+  for i in range(3):
+    y = flat(jax.tree.map(lambda x, i=i: x[i], part.eigenvectors))
+    theta = float(part.eigenvalues[i])
+    np.testing.assert_allclose(float(part.residuals[i]),
+                               np.linalg.norm(H @ y - theta * y),
+                               rtol=2e-2, atol=1e-4 * abs(EIGS).max())
+  assert float(part.residuals.max()) > 1e-3  # not converged: visible
+
+
+def offset_loss(params, x, y, offset):
+  return mlp_loss(params, x, y) + offset
+
+
+@pytest.mark.parametrize('where', ['loss', 'one_example'])
+def test_nan_loss_gives_nan(where):
+  if where == 'loss':  # NaN loss, finite Hessian
+    kwargs = {**BATCH, 'offset': jnp.float32(jnp.nan)}
+  else:
+    kwargs = {**BATCH, 'y': BATCH['y'].at[0].set(jnp.nan),
+              'offset': jnp.float32(0)}
+  kw = {'loss_kwargs': kwargs}
+  hv = sharpness.hessian_vector_product(offset_loss, PARAMS, PARAMS, **kw)
+  top = sharpness.hessian_top_eigenvalue(offset_loss, PARAMS, **kw)
+  eig = sharpness.hessian_eigenvalues(offset_loss, PARAMS, k=2, **kw)
+  trace = sharpness.hessian_trace(offset_loss, PARAMS, num_samples=2, **kw)
+  density = sharpness.hessian_spectral_density(
+      offset_loss, PARAMS, num_lanczos=4, num_probes=1, grid_size=8, **kw)
+  for name, value in {
+      'hvp': flat(hv), 'eigenvalue': top.eigenvalue,
+      'eigenvector': flat(top.eigenvector), 'eigenvalues': eig.eigenvalues,
+      'trace': trace.trace, 'density': density.density,
+  }.items():
+    assert np.all(np.isnan(np.asarray(value))), name
+  assert not bool(top.converged)
+
+
+HESSIAN_HELPERS = {
+    'hessian_vector_product': lambda f, p, **kw: (
+        sharpness.hessian_vector_product(f, p, p, **kw)),
+    'hessian_top_eigenvalue': sharpness.hessian_top_eigenvalue,
+    'hessian_eigenvalues': functools.partial(sharpness.hessian_eigenvalues,
+                                             k=1),
+    'hessian_trace': sharpness.hessian_trace,
+    'hessian_spectral_density': sharpness.hessian_spectral_density,
+}
+
+
+@pytest.mark.parametrize('name', HESSIAN_HELPERS)
+def test_complex_params_and_has_aux_mismatch(name):
+  helper = HESSIAN_HELPERS[name]
+  w = jnp.asarray([1 + 1j, 2.0], jnp.complex64)
+  with pytest.raises(TypeError, match=r"complex(.|\n)*'re': w\.real"):
+    helper(lambda w: jnp.sum(jnp.abs(w) ** 2), w)
+  with pytest.raises(TypeError) as info:
+    helper(mlp_loss, PARAMS, loss_kwargs=BATCH, has_aux=True)
+  message = str(info.value)
+  assert message.startswith(name) and 'has_aux=True' in message, message
+  assert 'Tracer' not in message and 'transformation' not in message, message
+  with pytest.raises(TypeError, match=name + r':.*pass has_aux=True'):
+    helper(lambda p, x, y: (mlp_loss(p, x, y), ()), PARAMS,
+           loss_kwargs=BATCH)

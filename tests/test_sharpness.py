@@ -328,3 +328,183 @@ def test_bad_input_errors():
   with pytest.raises(ValueError, match='given both in loss_kwargs'):
     sharpness.sam_sharpness(quadratic, W32, loss_kwargs={'a': QUAD['a']},
                             batches=[QUAD])
+
+
+# --- complex parameters, NaN losses, has_aux, m-sharpness measures ---------
+
+
+def complex_loss(w, x):
+  return jnp.mean(jnp.abs(x[:, None] * w) ** 2)
+
+
+PERTURBATION_HELPERS = {
+    'first_order_sharpness': sharpness.first_order_sharpness,
+    'sam_sharpness': sharpness.sam_sharpness,
+    'worst_case_sharpness': functools.partial(sharpness.worst_case_sharpness,
+                                              num_steps=2),
+    'average_case_sharpness': functools.partial(
+        sharpness.average_case_sharpness, num_samples=2),
+    'm_sharpness': functools.partial(sharpness.m_sharpness, m=2),
+}
+
+
+@pytest.mark.parametrize('name', PERTURBATION_HELPERS)
+def test_complex_params_are_refused(name):
+  w = jnp.asarray([1 + 2j, -0.5j, 3.0], jnp.complex64)
+  x = jnp.arange(1.0, 5.0)
+  with pytest.raises(TypeError, match=r"complex(.|\n)*'re': w\.real, 'im'"):
+    PERTURBATION_HELPERS[name](complex_loss, w, loss_kwargs={'x': x})
+
+
+def offset_loss(w, x, offset):
+  return per_example_loss(w, x) + offset
+
+
+NAN_INPUTS = {
+    # The loss is NaN but its gradient is finite (a NaN constant term).
+    'loss': {'x': X, 'offset': jnp.float32(jnp.nan)},
+    # One example is NaN: NaN loss and gradient, in one chunk only.
+    'one_example': {'x': X.at[0, 0].set(jnp.nan), 'offset': jnp.float32(0)},
+}
+
+
+@pytest.mark.parametrize('where', NAN_INPUTS)
+def test_nan_loss_gives_nan_never_a_plausible_number(where):
+  kw = {'loss_kwargs': NAN_INPUTS[where]}
+  worst = sharpness.worst_case_sharpness(offset_loss, WX, num_steps=3, **kw)
+  average = sharpness.average_case_sharpness(offset_loss, WX, num_samples=2,
+                                             **kw)
+  values = {
+      'first_order': sharpness.first_order_sharpness(offset_loss, WX, **kw),
+      'sam': sharpness.sam_sharpness(offset_loss, WX, **kw),
+      'worst_case': worst.sharpness,
+      'worst_case.perturbation_norm': worst.perturbation_norm,
+      'average_case': average.sharpness,
+      'm_sharpness': sharpness.m_sharpness(offset_loss, WX, 4, **kw),
+      'm_sharpness(worst_case)': sharpness.m_sharpness(
+          offset_loss, WX, 4, measure=sharpness.worst_case_sharpness,
+          num_steps=3, **kw),
+  }
+  for name, value in values.items():
+    assert np.isnan(float(value)), (name, float(value))
+  assert np.all(np.isnan(np.asarray(worst.perturbation)))
+
+
+HAS_AUX_HELPERS = {
+    'first_order_sharpness': sharpness.first_order_sharpness,
+    'sam_sharpness': sharpness.sam_sharpness,
+    'worst_case_sharpness': functools.partial(sharpness.worst_case_sharpness,
+                                              num_steps=2),
+    'average_case_sharpness': functools.partial(
+        sharpness.average_case_sharpness, num_samples=2),
+    'm_sharpness': functools.partial(sharpness.m_sharpness, m=4),
+}
+
+
+@pytest.mark.parametrize('name', HAS_AUX_HELPERS)
+def test_has_aux_mismatch_and_dict_losses_are_clear_errors(name):
+  helper = HAS_AUX_HELPERS[name]
+  kw = {'loss_kwargs': {'x': X}}
+  with pytest.raises(TypeError) as info:
+    helper(per_example_loss, WX, has_aux=True, **kw)
+  message = str(info.value)
+  assert message.startswith(name + ':'), message
+  assert 'has_aux=True' in message and 'has_aux=False' in message, message
+  assert 'Tracer' not in message and 'transformation' not in message, message
+  with_aux = lambda w, x: (per_example_loss(w, x), {'n': 1})
+  with pytest.raises(TypeError, match=name + r':.*pass has_aux=True'):
+    helper(with_aux, WX, **kw)
+  grad_loss = jax.grad(lambda p, x: per_example_loss(p['w'], x))
+  with pytest.raises(
+      TypeError, match=r"scalar loss(.|\n)*returned a dict with keys \['w'\]"):
+    helper(grad_loss, {'w': WX}, **kw)
+
+
+# m-sharpness with each measure, against a Python loop over the chunks with
+# references from jax.hessian / jax.grad and numpy (diagonal Hessians, so
+# Hutchinson's estimate and the power iteration are exact).
+X_DIAG = X * jnp.asarray([2.0, 1.0, 0.5])
+
+
+def diagonal_loss(w, x):
+  """mean_i sum_j (x_ij w_j)^2 / 2: Hessian diag(mean_i x_ij^2)."""
+  return 0.5 * jnp.mean(jnp.sum((x * w) ** 2, axis=1))
+
+
+def chunk_references(m, rho=0.2, sigma=0.1, num_samples=64):
+  """Per-chunk (gradient, Hessian) -> the reference of each measure."""
+  refs = {name: [] for name in MEASURES}
+  variance = 0.0
+  for i in range(0, X_DIAG.shape[0], m):
+    x = X_DIAG[i:i + m]
+    g = np.asarray(jax.grad(diagonal_loss)(WX, x), np.float64)
+    h = np.asarray(jax.hessian(diagonal_loss)(WX, x), np.float64)
+    eigs = np.linalg.eigvalsh(h)
+    eps = rho * g / np.linalg.norm(g)
+    refs['first_order'].append(rho * np.linalg.norm(g))
+    refs['sam'].append(gain(eps, h, g))
+    refs['worst_case'].append(trust_region_max(h, g, rho)[0])
+    refs['average_case'].append(0.5 * sigma ** 2 * np.trace(h))
+    refs['top_eigenvalue'].append(eigs[np.argmax(np.abs(eigs))])
+    refs['eigenvalues'].append(eigs[::-1][:2])
+    refs['trace'].append(np.trace(h))
+    variance += (sigma ** 2 * g @ g + 0.5 * sigma ** 4 * np.sum(h ** 2)) / (
+        num_samples)
+  chunks = X_DIAG.shape[0] // m
+  means = {name: np.mean(values, axis=0) for name, values in refs.items()}
+  return means, np.sqrt(variance) / chunks
+
+
+MEASURES = {
+    'first_order': (sharpness.first_order_sharpness, {'rho': 0.2}),
+    'sam': (sharpness.sam_sharpness, {'rho': 0.2}),
+    'worst_case': (sharpness.worst_case_sharpness,
+                   {'rho': 0.2, 'num_steps': 40}),
+    'average_case': (sharpness.average_case_sharpness,
+                     {'sigma': 0.1, 'num_samples': 64}),
+    'top_eigenvalue': (sharpness.hessian_top_eigenvalue,
+                       {'tolerance': 1e-6, 'num_iterations': 200}),
+    'eigenvalues': (sharpness.hessian_eigenvalues, {'k': 2}),
+    'trace': (sharpness.hessian_trace, {'num_samples': 4}),
+}
+
+
+@pytest.mark.parametrize('name', MEASURES)
+def test_m_sharpness_with_each_measure_is_the_mean_over_chunks(name):
+  measure, options = MEASURES[name]
+  out = sharpness.m_sharpness(diagonal_loss, WX, 4, measure=measure,
+                              loss_kwargs={'x': X_DIAG}, **options)
+  references, average_case_std = chunk_references(4)
+  assert out.dtype == jnp.float32
+  if name == 'average_case':
+    assert abs(float(out) - references[name]) < 5 * average_case_std
+  else:
+    np.testing.assert_allclose(np.asarray(out), references[name], rtol=2e-3)
+
+
+def test_m_sharpness_refuses_a_measure_without_a_main_value():
+  with pytest.raises(TypeError, match='SpectralDensity'):
+    sharpness.m_sharpness(diagonal_loss, WX, 4,
+                          measure=sharpness.hessian_spectral_density,
+                          num_lanczos=2, loss_kwargs={'x': X_DIAG})
+
+
+# --- zero gradient: values and derivatives finite -----------------------------
+
+
+def test_zero_gradient_derivatives_are_finite():
+  # At the minimum w = 0 of a convex quadratic: the helpers as functions of
+  # w (e.g. a sharpness penalty) have finite derivatives there.
+  loss_fn = lambda w: 0.5 * jnp.sum(jnp.arange(1.0, 4.0) * w ** 2)
+  zero = jnp.zeros(3)
+  for fn in (
+      lambda w: sharpness.first_order_sharpness(loss_fn, w),
+      lambda w: sharpness.first_order_sharpness(loss_fn, w, adaptive=True),
+      lambda w: sharpness.sam_sharpness(loss_fn, w),
+      lambda w: sharpness.worst_case_sharpness(loss_fn, w,
+                                               num_steps=2).sharpness,
+      lambda w: sharpness.average_case_sharpness(loss_fn, w,
+                                                 num_samples=2).sharpness,
+  ):
+    value, grad = jax.value_and_grad(fn)(zero)
+    assert np.isfinite(float(value)) and np.all(np.isfinite(grad))

@@ -42,8 +42,8 @@ class _FlatOperator:
 
 def _operator(owner, loss_fn, params, loss_kwargs, batches, has_aux):
   obj = objective_lib.Objective(
-      owner, loss_fn, loss_kwargs=loss_kwargs, batches=batches, has_aux=has_aux
-  )
+      owner, loss_fn, params, loss_kwargs=loss_kwargs, batches=batches,
+      has_aux=has_aux)
   op = _FlatOperator(obj, params)
   if op.size == 0:
     raise ValueError(f'{owner}: params has no entries; there is no Hessian.')
@@ -97,10 +97,15 @@ def hessian_vector_product(
     Pearlmutter, `Fast Exact Multiplication by the Hessian
     <https://doi.org/10.1162/neco.1994.6.1.147>`_, Neural Computation 1994.
   """
+  owner = 'hessian_vector_product'
   obj = objective_lib.Objective(
-      'hessian_vector_product', loss_fn, loss_kwargs=loss_kwargs,
-      batches=batches, has_aux=has_aux,
-  )
+      owner, loss_fn, params, loss_kwargs=loss_kwargs, batches=batches,
+      has_aux=has_aux)
+  objective_lib.check_params(owner, vector, 'vector')
+  if jax.tree.structure(vector) != jax.tree.structure(params):
+    raise ValueError(
+        f'{owner}: vector must have the structure of params:'
+        f' {jax.tree.structure(vector)} vs {jax.tree.structure(params)}.')
   return obj.hvp(params, vector)
 
 
@@ -111,11 +116,86 @@ class HessianTopEigenvalue(NamedTuple):
     eigenvalue: the dominant eigenvalue (Rayleigh quotient), float32.
     eigenvector: its unit eigenvector, a float32 pytree like params.
     num_iterations: power iterations run (<= num_iterations).
+    converged: whether the pair passed both tests (a stable Rayleigh
+      quotient and a small residual :math:`\\|Hv - \\lambda v\\|`); when
+      False, ``eigenvalue`` is only the last estimate.
   """
 
   eigenvalue: jax.Array
   eigenvector: PyTree
   num_iterations: jax.Array
+  converged: jax.Array
+
+
+def _rayleigh(op: _FlatOperator, v: jax.Array):
+  """(H v, v^T H v, ||H v - (v^T H v) v||) for a unit v."""
+  hv = op(v)
+  eigenvalue = jnp.vdot(v, hv)
+  return hv, eigenvalue, jnp.linalg.norm(hv - eigenvalue * v)
+
+
+def _power_iteration(op: _FlatOperator, v0: jax.Array, num_iterations: int,
+                     tol: jax.Array):
+  """(v, lambda, steps, converged): power iteration with a residual test.
+
+  A stable Rayleigh quotient alone is no proof: with eigenvalues +mu and -mu
+  the iterate swings between two vectors whose Rayleigh quotients are equal
+  (and wrong), so the residual must be small too. The residual converges
+  like the square root of the Rayleigh quotient, hence ``sqrt(tol)``.
+  """
+  residual_tol = jnp.sqrt(tol)
+
+  def cond(state):
+    i, _, eigenvalue, converged = state
+    return (i < num_iterations) & ~converged & ~jnp.isnan(eigenvalue)
+
+  def body(state):
+    i, v, eigenvalue, _ = state
+    hv, new_eigenvalue, residual = _rayleigh(op, v)
+    norm = jnp.linalg.norm(hv)
+    converged = (i > 0) & (
+        jnp.abs(new_eigenvalue - eigenvalue) <= tol * jnp.abs(new_eigenvalue)
+    ) & (residual <= residual_tol * norm)
+    # Keep the vector whose residual was checked; a zero H v keeps v.
+    keep = converged | (norm == 0)
+    new_v = jnp.where(keep, v, hv * tree_math.safe_inverse(norm))
+    return i + 1, new_v, new_eigenvalue, converged
+
+  init = (jnp.zeros([], jnp.int32), v0, jnp.zeros([], jnp.float32),
+          jnp.zeros([], bool))
+  steps, v, eigenvalue, converged = jax.lax.while_loop(cond, body, init)
+  v, eigenvalue, converged = jax.lax.cond(
+      converged, lambda: (v, eigenvalue, converged),
+      lambda: _opposite_pair(op, v, residual_tol))
+  return v, eigenvalue, steps, converged
+
+
+def _opposite_pair(op: _FlatOperator, v: jax.Array, residual_tol: jax.Array):
+  """After no convergence: split an iterate swinging between +mu and -mu.
+
+  If v spans the eigenvectors of +mu and -mu, then u = H v / mu flips the
+  sign of the -mu component, so v + u and v - u are the two eigenvectors.
+  The first of them (+mu first) that passes the residual test with an
+  eigenvalue of magnitude mu is returned with converged=True; otherwise v
+  and its Rayleigh quotient, with converged=False. Costs three HVPs.
+  """
+  hv = op(v)
+  mu = jnp.linalg.norm(hv)
+  u = hv * tree_math.safe_inverse(mu)
+
+  def check(candidate):
+    candidate = _unit(candidate)
+    _, eigenvalue, residual = _rayleigh(op, candidate)
+    ok = (residual <= residual_tol * jnp.abs(eigenvalue)) & (
+        jnp.abs(jnp.abs(eigenvalue) - mu) <= residual_tol * mu) & (mu > 0)
+    return candidate, eigenvalue, ok
+
+  plus, plus_value, plus_ok = check(v + u)
+  minus, minus_value, minus_ok = check(v - u)
+  vector = jnp.where(plus_ok, plus, jnp.where(minus_ok, minus, v))
+  value = jnp.where(plus_ok, plus_value,
+                    jnp.where(minus_ok, minus_value, jnp.vdot(v, hv)))
+  return vector, value, plus_ok | minus_ok
 
 
 def hessian_top_eigenvalue(
@@ -134,38 +214,53 @@ def hessian_top_eigenvalue(
   .. math::
 
     v_{k+1} = \frac{H v_k}{\|H v_k\|_2}, \qquad
-    \lambda_k = v_k^\top H v_k,
+    \lambda_k = v_k^\top H v_k, \qquad r_k = \|H v_k - \lambda_k v_k\|_2,
 
   from a random unit :math:`v_0`, stopping when
-  :math:`|\lambda_k - \lambda_{k-1}| \le \mathrm{tol}\,|\lambda_k|` or after
+  :math:`|\lambda_k - \lambda_{k-1}| \le \mathrm{tol}\,|\lambda_k|` *and*
+  :math:`r_k \le \sqrt{\mathrm{tol}}\,\|H v_k\|_2`, or after
   ``num_iterations`` steps (a `jax.lax.while_loop`: one HVP per step).
   Power iteration converges to the eigenvalue of largest *magnitude*; near a
-  minimum that is the top (positive) eigenvalue :math:`\lambda_{\max}`. Use
-  `hessian_eigenvalues` for the largest algebraic ones, or when the gap
-  :math:`|\lambda_1| - |\lambda_2|` is small (power iteration converges at
-  the rate :math:`|\lambda_2/\lambda_1|^k`). A zero Hessian gives 0.
+  minimum that is the top (positive) eigenvalue :math:`\lambda_{\max}`. The
+  residual test catches the case where the Rayleigh quotient is stable but
+  wrong: two dominant eigenvalues :math:`\pm\mu` of equal magnitude, between
+  whose eigenvectors the iterate swings. Then (and whenever the loop ends
+  unconverged) the iterate is split into those two eigenvectors (three more
+  HVPs); when the split passes the residual test, :math:`+\mu` (or
+  :math:`-\mu`) is returned with ``converged=True``, else the last estimate
+  with ``converged=False``. Use `hessian_eigenvalues` for the largest
+  algebraic
+  ones, or when the gap :math:`|\lambda_1| - |\lambda_2|` is small (power
+  iteration converges at the rate :math:`|\lambda_2/\lambda_1|^k`). A zero
+  Hessian gives 0 (converged); a NaN loss or Hessian gives a NaN eigenvalue
+  and eigenvector with ``converged=False``.
 
   Examples:
     >>> import jax.numpy as jnp
     >>> from sam_optax import sharpness
     >>> loss_fn = lambda w: 0.5 * (3. * w[0] ** 2 + w[1] ** 2)  # H = diag(3, 1)
     >>> top = sharpness.hessian_top_eigenvalue(loss_fn, jnp.zeros(2))
-    >>> print(f'{top.eigenvalue:.3f}', abs(top.eigenvector).round(3))
-    3.000 [1. 0.]
+    >>> print(f'{top.eigenvalue:.3f}', abs(top.eigenvector).round(3),
+    ...       bool(top.converged))
+    3.000 [1. 0.] True
 
   Args:
     loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar loss.
-    params: the weights w.
+    params: the weights w (real floating-point leaves; complex ones are a
+      TypeError).
     num_iterations: the most power iterations, >= 1.
-    tolerance: relative change of the eigenvalue at which to stop, >= 0.
+    tolerance: relative change of the eigenvalue at which to stop, >= 0
+      (0 runs every iteration).
     key: PRNG key for the start vector (default: a fixed key).
-    loss_kwargs: keyword arguments of ``loss_fn`` (shared ones with
-      ``batches``).
+    loss_kwargs: a dict of keyword arguments of ``loss_fn`` (shared ones
+      with ``batches``).
     batches: an iterable of ``loss_kwargs`` dicts (the dataset loss).
-    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``; a mismatch is a
+      TypeError naming ``has_aux``.
 
   Returns:
-    A `HessianTopEigenvalue` (eigenvalue, eigenvector, num_iterations).
+    A `HessianTopEigenvalue` (eigenvalue, eigenvector, num_iterations,
+    converged).
 
   References:
     Yao et al., `PyHessian: Neural Networks Through the Lens of the Hessian
@@ -179,27 +274,11 @@ def hessian_top_eigenvalue(
   op = _operator(owner, loss_fn, params, loss_kwargs, batches, has_aux)
   key = objective_lib.resolve_key(key)
   v0 = _unit(jax.random.normal(key, (op.size,), jnp.float32))
-  tol = jnp.asarray(tolerance, jnp.float32)
-
-  def cond(state):
-    i, _, _, converged = state
-    return (i < num_iterations) & ~converged
-
-  def body(state):
-    i, v, eigenvalue, _ = state
-    hv = op(v)
-    new_eigenvalue = jnp.vdot(v, hv)
-    norm = jnp.linalg.norm(hv)
-    new_v = jnp.where(norm > 0, hv * tree_math.safe_inverse(norm), v)
-    converged = (i > 0) & (
-        jnp.abs(new_eigenvalue - eigenvalue) <= tol * jnp.abs(new_eigenvalue))
-    return i + 1, new_v, new_eigenvalue, converged
-
-  init = (jnp.zeros([], jnp.int32), v0, jnp.zeros([], jnp.float32),
-          jnp.zeros([], bool))
-  steps, v, eigenvalue, _ = jax.lax.while_loop(cond, body, init)
+  v, eigenvalue, steps, converged = _power_iteration(
+      op, v0, num_iterations, jnp.asarray(tolerance, jnp.float32))
   return HessianTopEigenvalue(
-      eigenvalue=eigenvalue, eigenvector=op.unravel(v), num_iterations=steps)
+      eigenvalue=eigenvalue, eigenvector=op.unravel(v), num_iterations=steps,
+      converged=converged)
 
 
 def lanczos(
@@ -220,8 +299,10 @@ def lanczos(
       stays exact (block diagonal) instead of filling with spurious zeros.
 
   Returns:
-    (alphas (m,), betas (m - 1,), basis (m, n)): the tridiagonal matrix
-    T = V A V^T with diagonal alphas and off-diagonal betas, and V.
+    (alphas (m,), betas (m - 1,), basis (m, n), residual_norm): the
+    tridiagonal matrix T = V A V^T with diagonal alphas and off-diagonal
+    betas, V, and beta_m, the norm of the part of A v_m outside the basis:
+    the Ritz pair (theta_i, V^T s_i) has the residual |beta_m s_i[m-1]|.
   """
   n = start.shape[0]
   basis = jnp.zeros((num_steps, n), jnp.float32)
@@ -235,7 +316,7 @@ def lanczos(
     return x
 
   def body(i, state):
-    basis, alphas, betas, scale = state
+    basis, alphas, betas, scale, residual_norm = state
     v = basis[i]
     w = matvec(v)
     alpha = jnp.vdot(v, w)
@@ -262,11 +343,13 @@ def lanczos(
       beta_value = jnp.where(invariant, 0.0, beta)
       betas = betas.at[beta_index].set(
           jnp.where(last, betas[beta_index], beta_value))
-    return basis, alphas, betas, scale
+    residual_norm = jnp.where(last, beta, residual_norm)
+    return basis, alphas, betas, scale, residual_norm
 
-  basis, alphas, betas, _ = jax.lax.fori_loop(
-      0, num_steps, body, (basis, alphas, betas, jnp.zeros([], jnp.float32)))
-  return alphas, betas, basis
+  zero = jnp.zeros([], jnp.float32)
+  basis, alphas, betas, _, residual_norm = jax.lax.fori_loop(
+      0, num_steps, body, (basis, alphas, betas, zero, zero))
+  return alphas, betas, basis, residual_norm
 
 
 def _tridiagonal(alphas: jax.Array, betas: jax.Array) -> jax.Array:
@@ -274,17 +357,21 @@ def _tridiagonal(alphas: jax.Array, betas: jax.Array) -> jax.Array:
 
 
 class HessianEigenvalues(NamedTuple):
-  """Result of `hessian_eigenvalues`.
+  r"""Result of `hessian_eigenvalues`.
 
   Attributes:
     eigenvalues: the k eigenvalues (Ritz values), shape (k,), sorted as
       selected by ``which`` (largest first for 'largest' and 'magnitude').
     eigenvectors: the Ritz vectors, a float32 pytree like params whose leaves
       have a leading axis of size k.
+    residuals: :math:`\|H y_i - \theta_i y_i\|_2` of each Ritz pair, shape
+      (k,): some eigenvalue of H lies within it of :math:`\theta_i` (within
+      residual^2 / gap once converged); ~0 with a full basis.
   """
 
   eigenvalues: jax.Array
   eigenvectors: PyTree
+  residuals: jax.Array
 
 
 def hessian_eigenvalues(
@@ -307,6 +394,12 @@ def hessian_eigenvalues(
   extreme eigenvalues of H, exactly when m = n. Every new Lanczos vector is
   reorthogonalized against the whole basis (twice), so no ghost copies of
   converged eigenvalues appear; the cost is m HVPs and :math:`O(m n)` memory.
+  Each Ritz pair comes with its residual :math:`\|H y - \theta y\|_2 =
+  |\beta_m s_m|` (free: the last Lanczos coefficient times the last entry of
+  the Ritz coordinates), the check that a partial basis has converged;
+  eigenvalues of equal magnitude and opposite sign (:math:`\pm\mu`) are two
+  Ritz values here, not a failure as in power iteration. A NaN loss or
+  Hessian gives NaN eigenvalues, eigenvectors and residuals.
 
   .. math::
 
@@ -318,8 +411,8 @@ def hessian_eigenvalues(
     >>> from sam_optax import sharpness
     >>> loss_fn = lambda w: 0.5 * jnp.sum(jnp.arange(1., 6.) * w ** 2)
     >>> out = sharpness.hessian_eigenvalues(loss_fn, jnp.zeros(5), k=2)
-    >>> print(out.eigenvalues.round(3))
-    [5. 4.]
+    >>> print(out.eigenvalues.round(3), bool(out.residuals.max() < 1e-4))
+    [5. 4.] True
 
   Args:
     loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar loss.
@@ -336,7 +429,7 @@ def hessian_eigenvalues(
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
   Returns:
-    A `HessianEigenvalues` (eigenvalues, eigenvectors).
+    A `HessianEigenvalues` (eigenvalues, eigenvectors, residuals).
 
   References:
     Lanczos, `An iteration method for the solution of the eigenvalue problem
@@ -371,19 +464,21 @@ def hessian_eigenvalues(
   key = objective_lib.resolve_key(key)
   start_key, restart_key = jax.random.split(key)
   start = jax.random.normal(start_key, (n,), jnp.float32)
-  alphas, betas, basis = lanczos(op, start, num_iterations, restart_key)
+  alphas, betas, basis, residual_norm = lanczos(op, start, num_iterations,
+                                                restart_key)
   ritz_values, ritz_coords = jnp.linalg.eigh(_tridiagonal(alphas, betas))
   if which == 'largest':
     order = jnp.argsort(-ritz_values)
   elif which == 'smallest':
     order = jnp.argsort(ritz_values)
-  else:
-    order = jnp.argsort(-jnp.abs(ritz_values))
+  else:  # ties of +mu and -mu: +mu first.
+    order = jnp.lexsort((-ritz_values, -jnp.abs(ritz_values)))
   order = order[:k]
   vectors = (basis.T @ ritz_coords[:, order]).T  # (k, n)
   return HessianEigenvalues(
       eigenvalues=ritz_values[order],
       eigenvectors=jax.vmap(op.unravel)(vectors),
+      residuals=jnp.abs(residual_norm * ritz_coords[-1, order]),
   )
 
 
@@ -566,7 +661,7 @@ def hessian_spectral_density(
   def one_probe(probe_key):
     start_key, restart_key = jax.random.split(probe_key)
     start = jax.random.rademacher(start_key, (op.size,), jnp.float32)
-    alphas, betas, _ = lanczos(op, start, m, restart_key)
+    alphas, betas, _, _ = lanczos(op, start, m, restart_key)
     nodes, vectors = jnp.linalg.eigh(_tridiagonal(alphas, betas))
     return nodes, jnp.square(vectors[0])
 

@@ -60,6 +60,7 @@ def filter_normalized_direction(
     Li et al., `Visualizing the Loss Landscape of Neural Nets
     <https://arxiv.org/abs/1712.09913>`_, NeurIPS 2018.
   """
+  objective_lib.check_params('filter_normalized_direction', params)
   key = objective_lib.resolve_key(key)
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(key, max(len(leaves), 1))
@@ -123,6 +124,7 @@ def _span(owner: str, span: Any) -> Span:
 
 
 def _check_like(owner: str, name: str, tree: PyTree, params: PyTree) -> None:
+  objective_lib.check_params(owner, tree, name)
   if jax.tree.structure(tree) != jax.tree.structure(params):
     raise ValueError(
         f'{owner}: {name} must have the structure of params:'
@@ -215,8 +217,8 @@ def loss_landscape_1d(
     raise ValueError(
         f'{owner}: give either direction= or endpoint=, not both.')
   obj = objective_lib.Objective(
-      owner, loss_fn, loss_kwargs=loss_kwargs, batches=batches, has_aux=has_aux
-  )
+      owner, loss_fn, params, loss_kwargs=loss_kwargs, batches=batches,
+      has_aux=has_aux)
   if endpoint is not None:
     _check_like(owner, 'endpoint', endpoint, params)
     d = tree_math.tree_sub(endpoint, params)
@@ -308,8 +310,8 @@ def loss_landscape_2d(
   else:
     span_x = span_y = _span(owner, span)
   obj = objective_lib.Objective(
-      owner, loss_fn, loss_kwargs=loss_kwargs, batches=batches, has_aux=has_aux
-  )
+      owner, loss_fn, params, loss_kwargs=loss_kwargs, batches=batches,
+      has_aux=has_aux)
   if directions is None:
     key1, key2 = jax.random.split(objective_lib.resolve_key(key))
     d1, d2 = (filter_normalized_direction(

@@ -82,8 +82,110 @@ def stack_batches(owner: str, batches: Iterable[Mapping[str, Any]]):
   return stacked, len(batch_list)
 
 
+def _describe(value: Any) -> str:
+  """What loss_fn returned, in words, for error messages."""
+  if isinstance(value, Mapping):
+    return f'a {type(value).__name__} with keys {sorted(map(str, value))}'
+  if isinstance(value, (tuple, list)):
+    return f'a {type(value).__name__} of length {len(value)}'
+  if hasattr(value, 'shape') and hasattr(value, 'dtype'):
+    return f'an array of shape {tuple(value.shape)} and dtype {value.dtype}'
+  return f'a {type(value).__name__}'
+
+
+def check_loss_output(owner: str, out: Any, has_aux: bool) -> Any:
+  """The loss from loss_fn's output; a clear error for every wrong shape.
+
+  A helper is a function, so the fix is always an argument of that call
+  (``has_aux=...``) or the loss itself, never a constructor.
+  """
+  is_pair = isinstance(out, (tuple, list)) and len(out) == 2
+  if has_aux and not is_pair:
+    raise TypeError(
+        f'{owner}: has_aux=True, so loss_fn must return a pair (loss, aux),'
+        f' but it returned {_describe(out)}. Pass has_aux=False (the default)'
+        ' for a loss_fn that returns the loss alone, or return (loss, aux).'
+    )
+  if not has_aux and isinstance(out, (tuple, list)):
+    raise TypeError(
+        f'{owner}: loss_fn returned {_describe(out)}, not a scalar loss. If it'
+        f' returns (loss, aux), pass has_aux=True to {owner}.'
+    )
+  loss = out[0] if has_aux else out
+  if not (hasattr(loss, 'shape') and hasattr(loss, 'dtype')) and not (
+      isinstance(loss, (float, int)) and not isinstance(loss, bool)):
+    what = 'the first element of its pair is' if has_aux else 'it returned'
+    hint = (' (a gradient? pass the loss itself, not jax.grad(loss_fn))'
+            if isinstance(loss, Mapping) else '')
+    raise TypeError(
+        f'{owner}: loss_fn must return a scalar loss, or (loss, aux) with'
+        f' has_aux=True, but {what} {_describe(loss)}{hint}.'
+    )
+  loss = jnp.asarray(loss)
+  if loss.shape != ():
+    raise ValueError(
+        f'{owner}: loss_fn must return a scalar, but its loss has shape'
+        f' {loss.shape}. Reduce it to one number, e.g. `.mean()` over the'
+        ' batch (or, if this is a gradient, pass the loss itself).'
+    )
+  if not jnp.issubdtype(loss.dtype, jnp.floating):
+    raise TypeError(
+        f'{owner}: loss_fn must return a real floating-point scalar, got'
+        f' dtype {loss.dtype}.'
+    )
+  return loss
+
+
+def check_params(owner: str, params: PyTree, name: str = 'params') -> None:
+  """Every leaf real floating-point: complex or integer leaves are refused.
+
+  Norms, dot products and Hessians here are those of real vectors; a complex
+  leaf would silently lose its imaginary part (or its conjugation), so it is
+  an error that says how to split it into real parts.
+  """
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    dtype = jnp.result_type(leaf)
+    where = f'{name}{jax.tree_util.keystr(path)}'
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+      raise TypeError(
+          f'{owner}: {where} is complex ({dtype}); the sharpness helpers'
+          ' measure real parameters, and their norms and dot products would'
+          ' drop the imaginary part. Split each complex leaf into real parts,'
+          " e.g. params = {'re': w.real, 'im': w.imag}, and rebuild"
+          " w = params['re'] + 1j * params['im'] inside loss_fn."
+      )
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(
+          f'{owner}: {where} has dtype {dtype}; every leaf of {name} is'
+          ' differentiated, so each must be floating-point (e.g.'
+          ' jnp.float32). Pass integer or boolean arguments in loss_kwargs'
+          ' (or close over them in loss_fn) instead.'
+      )
+
+
+def nan_where(bad: jax.Array, tree: PyTree) -> PyTree:
+  """``tree`` with every floating leaf NaN where ``bad`` (a select)."""
+  return jax.tree.map(
+      lambda x: jnp.where(bad, jnp.asarray(jnp.nan, x.dtype), x)
+      if jnp.issubdtype(jnp.result_type(x), jnp.inexact) else x, tree)
+
+
+def nan_unless_finite(tree: PyTree, loss: jax.Array) -> PyTree:
+  """``tree`` where the loss is finite, NaN everywhere where it is not.
+
+  A NaN (or infinite) loss has no sharpness: every helper returns NaN then,
+  never a plausible number computed from a finite gradient.
+  """
+  return nan_where(~jnp.isfinite(loss), tree)
+
+
 class Objective:
   """L(w) on one batch or averaged over stacked batches, with derivatives.
+
+  Every helper builds one, so the checks of its input live here: params must
+  be real floating-point (`check_params`), loss_kwargs a dict, batches an
+  iterable of equally shaped dicts, and loss_fn's output a scalar (or
+  ``(loss, aux)`` with ``has_aux=True``, `check_loss_output`).
 
   Attributes:
     owner: the public helper's name, for error messages.
@@ -94,24 +196,17 @@ class Objective:
       self,
       owner: str,
       loss_fn: Callable[..., Any],
+      params: PyTree,
       *,
       loss_kwargs: Optional[Mapping[str, Any]] = None,
       batches: Optional[Iterable[Mapping[str, Any]]] = None,
       has_aux: bool = False,
   ):
-    validation.check_loss_fn(owner, loss_fn)
-    if not isinstance(has_aux, bool):
-      raise TypeError(f'{owner}: has_aux must be a bool, got {has_aux!r}.')
-    if loss_kwargs is not None and not isinstance(loss_kwargs, Mapping):
-      raise TypeError(
-          f'{owner}: loss_kwargs must be a dict of keyword arguments for'
-          f' loss_fn, got {type(loss_kwargs).__name__}.'
-      )
+    check_inputs(owner, loss_fn, params, loss_kwargs, has_aux)
     self.owner = owner
     self.loss_fn = loss_fn
     self.has_aux = has_aux
     self.common = dict(loss_kwargs or {})
-    self._scalar_loss = validation.checked_scalar_loss(owner, loss_fn, has_aux)
     if batches is None:
       self.stacked, self.num_batches = None, 1
     else:
@@ -153,7 +248,9 @@ class Objective:
     )
 
   def loss_on(self, params: PyTree, kwargs: Mapping[str, Any]) -> jax.Array:
-    return self._scalar_loss(params, kwargs).astype(jnp.float32)
+    out = self.loss_fn(params, **kwargs)
+    return check_loss_output(self.owner, out, self.has_aux).astype(
+        jnp.float32)
 
   def loss(self, params: PyTree) -> jax.Array:
     """L(w) in float32."""
@@ -170,14 +267,35 @@ class Objective:
     return self.value_and_grad(params)[1]
 
   def hvp(self, params: PyTree, vector: PyTree) -> PyTree:
-    """H(w) v by forward-over-reverse differentiation (no Hessian is formed)."""
+    """H(w) v by forward-over-reverse differentiation (no Hessian is formed).
+
+    NaN wherever L(w) is not finite (the loss comes with the same pass).
+    """
     vector = tree_math.tree_cast_like(vector, params)
 
     def one(kw):
-      grad_fn = lambda p: jax.grad(self.loss_on)(p, kw)
-      return jax.jvp(grad_fn, (params,), (vector,))[1]
+      value_and_grad = lambda p: jax.value_and_grad(self.loss_on)(p, kw)
+      (loss, _), (_, hv) = jax.jvp(value_and_grad, (params,), (vector,))
+      return loss, hv
 
-    return tree_math.tree_cast_like(self._mean(one), params)
+    loss, hv = self._mean(one)
+    return nan_unless_finite(tree_math.tree_cast_like(hv, params), loss)
+
+
+def check_inputs(owner: str, loss_fn: Any, params: PyTree, loss_kwargs: Any,
+                 has_aux: Any) -> None:
+  """The checks every helper runs on its common arguments, before tracing."""
+  validation.check_loss_fn(owner, loss_fn)
+  check_params(owner, params)
+  if not isinstance(has_aux, bool):
+    raise TypeError(
+        f'{owner}: has_aux must be True or False, got {has_aux!r}.')
+  if loss_kwargs is not None and not isinstance(loss_kwargs, Mapping):
+    raise TypeError(
+        f'{owner}: loss_kwargs must be a dict of keyword arguments for'
+        f' loss_fn (e.g. loss_kwargs={{"batch": batch}}), got'
+        f' {type(loss_kwargs).__name__}.'
+    )
 
 
 def num_parameters(params: PyTree) -> int:

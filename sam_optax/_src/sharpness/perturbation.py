@@ -6,6 +6,7 @@ Auto-PGD step-size control), average-case (Gaussian) and m-sharpness.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional
@@ -107,11 +108,12 @@ def first_order_sharpness(
   validation.check_number(owner, 'rho', rho, allow_zero=False)
   _check_adaptive(owner, adaptive, eta)
   obj = objective_lib.Objective(
-      owner, loss_fn, loss_kwargs=loss_kwargs, batches=batches, has_aux=has_aux
-  )
-  grad = obj.grad(params)
+      owner, loss_fn, params, loss_kwargs=loss_kwargs, batches=batches,
+      has_aux=has_aux)
+  loss, grad = obj.value_and_grad(params)
   scaled = _apply_scale(_scale(params, adaptive, eta), grad)
-  return jnp.asarray(rho, jnp.float32) * tree_math.tree_norm(scaled)
+  value = jnp.asarray(rho, jnp.float32) * tree_math.tree_norm(scaled)
+  return objective_lib.nan_unless_finite(value, loss)
 
 
 def sam_sharpness(
@@ -168,8 +170,8 @@ def sam_sharpness(
   validation.check_number(owner, 'rho', rho, allow_zero=False)
   _check_adaptive(owner, adaptive, eta)
   obj = objective_lib.Objective(
-      owner, loss_fn, loss_kwargs=loss_kwargs, batches=batches, has_aux=has_aux
-  )
+      owner, loss_fn, params, loss_kwargs=loss_kwargs, batches=batches,
+      has_aux=has_aux)
   loss, grad = obj.value_and_grad(params)
   if adaptive:
     direction = directions.adaptive_direction(
@@ -177,7 +179,8 @@ def sam_sharpness(
   else:
     direction = directions.normalized_direction(grad)
   epsilon = tree_math.tree_scale(jnp.asarray(rho, jnp.float32), direction)
-  return obj.loss(_shift(params, epsilon)) - loss
+  return objective_lib.nan_unless_finite(
+      obj.loss(_shift(params, epsilon)) - loss, loss)
 
 
 class WorstCaseSharpness(NamedTuple):
@@ -305,10 +308,9 @@ def worst_case_sharpness(
   if not isinstance(momentum, jax.core.Tracer) and not 0 < float(momentum) <= 1:
     raise ValueError(f'{owner}: momentum must be in (0, 1], got {momentum!r}.')
   obj = objective_lib.Objective(
-      owner, loss_fn, loss_kwargs=loss_kwargs, batches=batches, has_aux=has_aux
-  )
+      owner, loss_fn, params, loss_kwargs=loss_kwargs, batches=batches,
+      has_aux=has_aux)
   rho = jnp.asarray(rho, jnp.float32)
-  alpha = jnp.asarray(momentum, jnp.float32)
   scale = _scale(params, adaptive, eta)
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
 
@@ -316,134 +318,153 @@ def worst_case_sharpness(
     loss, grad = obj.value_and_grad(_shift(params, _apply_scale(scale, gamma)))
     return loss, _apply_scale(scale, grad)
 
-  def ascent(grad):
-    if norm == 'l2':
-      return tree_math.tree_scale(
-          tree_math.safe_inverse(tree_math.tree_norm(grad)), grad
-      )
-    return jax.tree.map(jnp.sign, grad)
+  base_loss = obj.loss(params)
+  start = (_random_start(norm, rho, zeros, objective_lib.resolve_key(key))
+           if random_init else zeros)
+  step = (2.0 * rho if step_size is None
+          else jnp.asarray(step_size, jnp.float32))
+  best_x, best_f, nan_seen = _apgd(
+      value_and_grad, start, _Ball(norm, rho), step,
+      jnp.asarray(momentum, jnp.float32), num_steps)
+  gain = best_f - base_loss
+  positive = gain > 0
+  gamma = tree_math.tree_select(positive, best_x, zeros)
+  result = WorstCaseSharpness(
+      sharpness=jnp.where(positive, gain, 0.0),
+      perturbation_norm=_Ball(norm, rho).norm(gamma),
+      perturbation=_apply_scale(scale, gamma),
+  )
+  # A NaN loss anywhere on the ascent (or at w) has no maximum: NaN out.
+  return objective_lib.nan_where(nan_seen | ~jnp.isfinite(base_loss), result)
 
-  def gamma_norm(gamma):
-    if norm == 'l2':
+
+class _Ball(NamedTuple):
+  """The L2 or L-infinity ball of radius rho in which gamma lives."""
+
+  kind: str
+  rho: jax.Array
+
+  def norm(self, gamma: PyTree) -> jax.Array:
+    if self.kind == 'l2':
       return tree_math.tree_norm(gamma)
     leaves = [jnp.max(jnp.abs(x)) for x in jax.tree.leaves(gamma) if x.size]
     return jnp.max(jnp.stack(leaves)) if leaves else jnp.zeros([], jnp.float32)
 
-  def project(gamma):
-    if norm == 'l2':
-      factor = jnp.minimum(
-          1.0, rho * tree_math.safe_inverse(tree_math.tree_norm(gamma))
-      )
-      # safe_inverse(0) = 0 would zero gamma = 0 anyway; keep it exact.
-      factor = jnp.where(tree_math.tree_norm(gamma) > 0, factor, 1.0)
+  def ascent(self, grad: PyTree) -> PyTree:
+    """The steepest-ascent direction of the ball's norm (unit, or a sign)."""
+    if self.kind == 'l2':
+      return tree_math.tree_scale(
+          tree_math.safe_inverse(tree_math.tree_norm(grad)), grad)
+    return jax.tree.map(jnp.sign, grad)
+
+  def project(self, gamma: PyTree) -> PyTree:
+    if self.kind == 'l2':
+      norm = tree_math.tree_norm(gamma)
+      factor = jnp.minimum(1.0, self.rho * tree_math.safe_inverse(norm))
+      # gamma = 0 stays exactly 0 (and a NaN gamma stays NaN).
+      factor = jnp.where(norm == 0, 1.0, factor)
       return tree_math.tree_scale(factor, gamma)
-    return jax.tree.map(lambda x: jnp.clip(x, -rho, rho), gamma)
+    return jax.tree.map(lambda x: jnp.clip(x, -self.rho, self.rho), gamma)
 
-  def add(a, s, b):
-    return jax.tree.map(lambda x, y: x + s * y, a, b)
 
-  base_loss = obj.loss(params)
-  if random_init:
-    key = objective_lib.resolve_key(key)
-    leaves, treedef = jax.tree.flatten(zeros)
-    keys = jax.random.split(key, max(len(leaves), 1))
-    if norm == 'linf':
-      noise = [
-          jax.random.uniform(k, x.shape, jnp.float32, -1.0, 1.0)
-          for k, x in zip(keys, leaves)
-      ]
-      start = jax.tree.map(lambda x: rho * x, jax.tree.unflatten(treedef, noise))
-    else:
-      noise = jax.tree.unflatten(
-          treedef,
-          [jax.random.normal(k, x.shape, jnp.float32)
-           for k, x in zip(keys, leaves)],
-      )
-      start = tree_math.tree_scale(
-          rho * tree_math.safe_inverse(tree_math.tree_norm(noise)), noise
-      )
-  else:
-    start = zeros
+def _random_start(norm: str, rho: jax.Array, zeros: PyTree,
+                  key: jax.Array) -> PyTree:
+  """Uniform in the L-infinity cube, or uniform on the L2 sphere."""
+  leaves, treedef = jax.tree.flatten(zeros)
+  keys = jax.random.split(key, max(len(leaves), 1))
+  if norm == 'linf':
+    noise = [jax.random.uniform(k, x.shape, jnp.float32, -1.0, 1.0)
+             for k, x in zip(keys, leaves)]
+    return jax.tree.map(lambda x: rho * x, jax.tree.unflatten(treedef, noise))
+  noise = jax.tree.unflatten(
+      treedef, [jax.random.normal(k, x.shape, jnp.float32)
+                for k, x in zip(keys, leaves)])
+  return tree_math.tree_scale(
+      rho * tree_math.safe_inverse(tree_math.tree_norm(noise)), noise)
 
-  step = (2.0 * rho if step_size is None
-          else jnp.asarray(step_size, jnp.float32))
+
+class _ApgdCarry(NamedTuple):
+  x_prev: PyTree
+  x: PyTree
+  f: jax.Array
+  g: PyTree
+  step: jax.Array
+  best_x: PyTree
+  best_f: jax.Array
+  best_g: PyTree
+  successes: jax.Array
+  last_checkpoint: jax.Array
+  step_at_checkpoint: jax.Array
+  best_f_at_checkpoint: jax.Array
+  nan_seen: jax.Array
+
+
+def _apgd(value_and_grad, start, ball: _Ball, step, alpha, num_steps):
+  """Auto-PGD from ``start``: (best point, its loss, whether a loss was NaN).
+
+  ``best_f > f`` comparisons are False for NaN, so a NaN loss would never be
+  the best one and the ascent would report a plausible maximum of the
+  finite points; ``nan_seen`` records every NaN loss instead.
+  """
   f0, g0 = value_and_grad(start)
-  x1 = project(add(start, step, ascent(g0)))
+  x1 = ball.project(_add(start, step, ball.ascent(g0)))
   f1, g1 = value_and_grad(x1)
   first_better = f1 > f0
-  best_x = tree_math.tree_select(first_better, x1, start)
   best_f = jnp.where(first_better, f1, f0)
-  best_g = tree_math.tree_select(first_better, g1, g0)
-  checkpoints = jnp.asarray(apgd_checkpoints(num_steps))
-
-  class Carry(NamedTuple):
-    x_prev: PyTree
-    x: PyTree
-    f: jax.Array
-    g: PyTree
-    step: jax.Array
-    best_x: PyTree
-    best_f: jax.Array
-    best_g: PyTree
-    successes: jax.Array
-    last_checkpoint: jax.Array
-    step_at_checkpoint: jax.Array
-    best_f_at_checkpoint: jax.Array
-
-  def body(k, c: Carry) -> Carry:
-    z = project(add(c.x, c.step, ascent(c.g)))
-    moved = jax.tree.map(
-        lambda x, zz, xp: x + alpha * (zz - x) + (1.0 - alpha) * (x - xp),
-        c.x, z, c.x_prev,
-    )
-    x_new = project(moved)
-    f_new, g_new = value_and_grad(x_new)
-    successes = c.successes + (f_new > c.f).astype(jnp.int32)
-    improved = f_new > c.best_f
-    best_x = tree_math.tree_select(improved, x_new, c.best_x)
-    best_f = jnp.where(improved, f_new, c.best_f)
-    best_g = tree_math.tree_select(improved, g_new, c.best_g)
-    at_checkpoint = checkpoints[k]
-    span = (k - c.last_checkpoint).astype(jnp.float32)
-    too_few = successes.astype(jnp.float32) < 0.75 * span
-    stalled = (c.step == c.step_at_checkpoint) & (
-        best_f == c.best_f_at_checkpoint)
-    reduce = at_checkpoint & (too_few | stalled)
-    x_prev = tree_math.tree_select(reduce, best_x, c.x)
-    x_next = tree_math.tree_select(reduce, best_x, x_new)
-    return Carry(
-        x_prev=x_prev,
-        x=x_next,
-        f=jnp.where(reduce, best_f, f_new),
-        g=tree_math.tree_select(reduce, best_g, g_new),
-        step=jnp.where(reduce, 0.5 * c.step, c.step),
-        best_x=best_x,
-        best_f=best_f,
-        best_g=best_g,
-        successes=jnp.where(at_checkpoint, 0, successes),
-        last_checkpoint=jnp.where(at_checkpoint, k, c.last_checkpoint),
-        step_at_checkpoint=jnp.where(at_checkpoint, c.step,
-                                     c.step_at_checkpoint),
-        best_f_at_checkpoint=jnp.where(at_checkpoint, best_f,
-                                       c.best_f_at_checkpoint),
-    )
-
-  carry = Carry(
-      x_prev=start, x=x1, f=f1, g=g1, step=step, best_x=best_x,
-      best_f=best_f, best_g=best_g,
+  carry = _ApgdCarry(
+      x_prev=start, x=x1, f=f1, g=g1, step=step,
+      best_x=tree_math.tree_select(first_better, x1, start), best_f=best_f,
+      best_g=tree_math.tree_select(first_better, g1, g0),
       successes=jnp.zeros([], jnp.int32),
       last_checkpoint=jnp.zeros([], jnp.int32),
-      step_at_checkpoint=step,
-      best_f_at_checkpoint=best_f,
+      step_at_checkpoint=step, best_f_at_checkpoint=best_f,
+      nan_seen=jnp.isnan(f0) | jnp.isnan(f1),
   )
+  body = functools.partial(
+      _apgd_step, value_and_grad=value_and_grad, ball=ball, alpha=alpha,
+      checkpoints=jnp.asarray(apgd_checkpoints(num_steps)))
   carry = jax.lax.fori_loop(1, num_steps, body, carry)
-  gain = carry.best_f - base_loss
-  positive = gain > 0
-  gamma = tree_math.tree_select(positive, carry.best_x, zeros)
-  return WorstCaseSharpness(
-      sharpness=jnp.where(positive, gain, 0.0),
-      perturbation_norm=gamma_norm(gamma),
-      perturbation=_apply_scale(scale, gamma),
+  return carry.best_x, carry.best_f, carry.nan_seen
+
+
+def _add(a: PyTree, s: jax.Array, b: PyTree) -> PyTree:
+  return jax.tree.map(lambda x, y: x + s * y, a, b)
+
+
+def _apgd_step(k, c: _ApgdCarry, *, value_and_grad, ball: _Ball, alpha,
+               checkpoints) -> _ApgdCarry:
+  """One Auto-PGD step with momentum, and the checkpoint's step-size rule."""
+  z = ball.project(_add(c.x, c.step, ball.ascent(c.g)))
+  moved = jax.tree.map(
+      lambda x, zz, xp: x + alpha * (zz - x) + (1.0 - alpha) * (x - xp),
+      c.x, z, c.x_prev)
+  x_new = ball.project(moved)
+  f_new, g_new = value_and_grad(x_new)
+  successes = c.successes + (f_new > c.f).astype(jnp.int32)
+  improved = f_new > c.best_f
+  best_x = tree_math.tree_select(improved, x_new, c.best_x)
+  best_f = jnp.where(improved, f_new, c.best_f)
+  best_g = tree_math.tree_select(improved, g_new, c.best_g)
+  at_checkpoint = checkpoints[k]
+  span = (k - c.last_checkpoint).astype(jnp.float32)
+  too_few = successes.astype(jnp.float32) < 0.75 * span
+  stalled = (c.step == c.step_at_checkpoint) & (
+      best_f == c.best_f_at_checkpoint)
+  reduce = at_checkpoint & (too_few | stalled)
+  return _ApgdCarry(
+      x_prev=tree_math.tree_select(reduce, best_x, c.x),
+      x=tree_math.tree_select(reduce, best_x, x_new),
+      f=jnp.where(reduce, best_f, f_new),
+      g=tree_math.tree_select(reduce, best_g, g_new),
+      step=jnp.where(reduce, 0.5 * c.step, c.step),
+      best_x=best_x, best_f=best_f, best_g=best_g,
+      successes=jnp.where(at_checkpoint, 0, successes),
+      last_checkpoint=jnp.where(at_checkpoint, k, c.last_checkpoint),
+      step_at_checkpoint=jnp.where(at_checkpoint, c.step,
+                                   c.step_at_checkpoint),
+      best_f_at_checkpoint=jnp.where(at_checkpoint, best_f,
+                                     c.best_f_at_checkpoint),
+      nan_seen=c.nan_seen | jnp.isnan(f_new),
   )
 
 
@@ -521,8 +542,8 @@ def average_case_sharpness(
   _check_adaptive(owner, adaptive, eta)
   num_samples = validation.check_static_int(owner, 'num_samples', num_samples, 1)
   obj = objective_lib.Objective(
-      owner, loss_fn, loss_kwargs=loss_kwargs, batches=batches, has_aux=has_aux
-  )
+      owner, loss_fn, params, loss_kwargs=loss_kwargs, batches=batches,
+      has_aux=has_aux)
   key = objective_lib.resolve_key(key)
   sigma = jnp.asarray(sigma, jnp.float32)
   scale = _scale(params, adaptive, eta)
@@ -551,7 +572,9 @@ def average_case_sharpness(
     standard_error = jnp.sqrt(variance / num_samples)
   else:
     standard_error = zero
-  return AverageCaseSharpness(sharpness=mean, standard_error=standard_error)
+  return objective_lib.nan_unless_finite(
+      AverageCaseSharpness(sharpness=mean, standard_error=standard_error),
+      base_loss)
 
 
 def _accepts_key(measure: Callable[..., Any]) -> bool:
@@ -559,6 +582,73 @@ def _accepts_key(measure: Callable[..., Any]) -> bool:
     return 'key' in inspect.signature(measure).parameters
   except (TypeError, ValueError):
     return False
+
+
+# The field of a measure's NamedTuple result that m_sharpness averages, in
+# this order: WorstCaseSharpness / AverageCaseSharpness -> sharpness,
+# HessianTopEigenvalue -> eigenvalue, HessianEigenvalues -> eigenvalues,
+# HessianTrace -> trace.
+MAIN_FIELDS = ('sharpness', 'eigenvalue', 'eigenvalues', 'trace')
+
+
+def _name(measure: Callable[..., Any]) -> str:
+  inner = getattr(measure, 'func', measure)  # functools.partial
+  return getattr(inner, '__name__', repr(measure))
+
+
+def _main_value(owner: str, measure: Callable[..., Any], out: Any):
+  """The number (or fixed-shape array) that m_sharpness averages."""
+  fields = getattr(out, '_fields', None)
+  if fields is not None:
+    field = next((f for f in MAIN_FIELDS if f in fields), None)
+    if field is None:
+      raise TypeError(
+          f'{owner}: measure {_name(measure)} returned a'
+          f' {type(out).__name__}, which has none of the fields m_sharpness'
+          f' averages over chunks ({", ".join(MAIN_FIELDS)}). Pass a measure'
+          ' that gives one value per chunk (a sharpness, an eigenvalue, a'
+          ' trace), or a function returning that value.'
+      )
+    out = getattr(out, field)
+  if not hasattr(out, 'dtype') and not isinstance(out, float):
+    raise TypeError(
+        f'{owner}: measure {_name(measure)} returned a {type(out).__name__};'
+        ' m_sharpness averages a number (or an array of fixed shape) per'
+        ' chunk, or a NamedTuple with one of the fields'
+        f' {", ".join(MAIN_FIELDS)}.'
+    )
+  return jnp.asarray(out, jnp.float32)
+
+
+def _chunked(owner, m, loss_kwargs, batches):
+  """(leaves, treedef, indices of the chunked leaves, common kwargs, count).
+
+  Each chunked leaf has a leading axis over all chunks (of every batch).
+  """
+  if batches is None:
+    if not loss_kwargs:
+      raise ValueError(
+          f'{owner}: m-sharpness splits a batch into chunks of m examples, so'
+          ' it needs the batch: pass loss_kwargs={...} (or batches=[...]).'
+      )
+    split, mask, num_chunks = batching.split_into_chunks(owner, loss_kwargs, m)
+    leaves, treedef = jax.tree.flatten(split)
+    mapped = [i for i, s in enumerate(jax.tree.leaves(mask)) if s]
+    return leaves, treedef, mapped, {}, num_chunks
+  stacked, num_batches = objective_lib.stack_batches(owner, batches)
+  first = jax.tree.map(lambda x: x[0], stacked)
+  _, _, per_batch = batching.split_into_chunks(owner, first, m)  # the errors
+
+  def chunks(x):
+    # (B, n, ...) -> (B * n / m, m, ...): the chunks of every batch; a
+    # per-batch scalar (shape (B,)) goes to each of that batch's chunks.
+    if x.ndim > 1:
+      return jnp.reshape(x, (-1, m) + x.shape[2:])
+    return jnp.repeat(x, per_batch)
+
+  leaves, treedef = jax.tree.flatten(jax.tree.map(chunks, stacked))
+  return (leaves, treedef, list(range(len(leaves))), dict(loss_kwargs or {}),
+          num_batches * per_batch)
 
 
 def m_sharpness(
@@ -583,12 +673,18 @@ def m_sharpness(
   where :math:`\mathcal{C}` splits the examples into disjoint chunks of m and
   :math:`L_C` is the loss on chunk C. The bracket is ``measure`` (default
   `sam_sharpness`, SAM's one-step approximation of the max; pass
-  `worst_case_sharpness` for multi-step ascent, or any helper of this module),
-  called with ``measure_options`` (e.g. ``rho=0.05``) on each chunk; chunks
-  are processed one after another with `jax.lax.map`. Every array with a
+  `worst_case_sharpness` for multi-step ascent, or any helper of this module
+  that measures one value), called with ``measure_options`` (e.g.
+  ``rho=0.05``) on each chunk; chunks are processed one after another with
+  `jax.lax.map`. The value averaged is the measure's result itself when it
+  is an array, else its main field: ``.sharpness`` (`worst_case_sharpness`,
+  `average_case_sharpness`), ``.eigenvalue`` (`hessian_top_eigenvalue`),
+  ``.eigenvalues`` (`hessian_eigenvalues`, averaged entrywise: the mean
+  i-th eigenvalue) or ``.trace`` (`hessian_trace`). Every array with a
   leading batch dimension in ``loss_kwargs`` (or in each of ``batches``) is
   split; with ``batches`` the mean is over the chunks of every batch. A
-  ``measure`` that takes a ``key`` gets an independent key per chunk.
+  ``measure`` that takes a ``key`` gets an independent key per chunk. A NaN
+  loss on any chunk makes the result NaN.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -603,24 +699,32 @@ def m_sharpness(
     ...     loss_fn, w, 4, rho=0.1, loss_kwargs={'x': x})
     >>> print(f'{per_example:.4f} {whole_batch:.4f}')
     0.1157 0.0876
+    >>> top = sharpness.m_sharpness(  # mean over chunks of lambda_max(H_C)
+    ...     loss_fn, w, 2, measure=sharpness.hessian_top_eigenvalue,
+    ...     loss_kwargs={'x': x})
+    >>> print(f'{top:.3f}')  # H_C = x_C^T x_C / 2: (1/2 + 1) / 2
+    0.750
 
   Args:
     loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar loss
       averaged over the examples it is given.
-    params: the weights w.
+    params: the weights w (real floating-point leaves).
     m: examples per chunk; must divide the batch size.
     measure: a sharpness helper ``measure(loss_fn, params, *, loss_kwargs,
-      has_aux, **measure_options)`` returning a scalar or a result with a
-      ``sharpness`` field; default `sam_sharpness`.
+      has_aux, **measure_options)`` returning an array or a NamedTuple with
+      one of the fields above; default `sam_sharpness`. A result without
+      one (e.g. `hessian_spectral_density`) is a TypeError.
     key: PRNG key, split over the chunks when ``measure`` takes one.
-    loss_kwargs: keyword arguments of ``loss_fn`` holding the batch (with
-      ``batches``: arguments shared by every batch, not split).
+    loss_kwargs: a dict of keyword arguments of ``loss_fn`` holding the batch
+      (with ``batches``: arguments shared by every batch, not split).
     batches: an iterable of batch dicts, each split into chunks of m.
-    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``; a mismatch is a
+      TypeError naming ``has_aux``.
     **measure_options: forwarded to ``measure`` (e.g. ``rho``).
 
   Returns:
-    The mean of the per-chunk sharpness, a float32 scalar.
+    The mean over chunks of the per-chunk value, float32 (a scalar, or the
+    shape of the per-chunk value, e.g. (k,) for `hessian_eigenvalues`).
 
   References:
     Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
@@ -639,50 +743,30 @@ def m_sharpness(
   for reserved in ('loss_kwargs', 'batches', 'has_aux', 'key'):
     if reserved in measure_options:
       raise TypeError(f'{owner}: pass {reserved} to m_sharpness itself.')
-  if loss_kwargs is not None and not isinstance(loss_kwargs, Mapping):
-    raise TypeError(
-        f'{owner}: loss_kwargs must be a dict, got {type(loss_kwargs).__name__}.'
-    )
-  if batches is None:
-    if not loss_kwargs:
-      raise ValueError(
-          f'{owner}: m-sharpness splits a batch into chunks of m examples, so'
-          ' it needs the batch: pass loss_kwargs={...} (or batches=[...]).'
-      )
-    split, _, _ = batching.split_into_chunks(owner, loss_kwargs, m)
-    common: dict[str, Any] = {}
-  else:
-    stacked, _ = objective_lib.stack_batches(owner, batches)
-    first = jax.tree.map(lambda x: x[0], stacked)
-    batching.split_into_chunks(owner, first, m)  # the errors, early
-    per_batch = batching.batch_size(owner, first) // m
+  objective_lib.check_inputs(owner, loss_fn, params, loss_kwargs, has_aux)
+  leaves, treedef, mapped, common, num_chunks = _chunked(
+      owner, m, loss_kwargs, batches)
 
-    def chunks(x):
-      # (B, n, ...) -> (B * n / m, m, ...): the chunks of every batch; a
-      # per-batch scalar (shape (B,)) goes to each of that batch's chunks.
-      if x.ndim > 1:
-        return jnp.reshape(x, (-1, m) + x.shape[2:])
-      return jnp.repeat(x, per_batch)
+  def chunk_kwargs(chunk_leaves):
+    full = list(leaves)
+    for i, x in zip(mapped, chunk_leaves):
+      full[i] = x
+    return {**common, **jax.tree.unflatten(treedef, full)}
 
-    split = jax.tree.map(chunks, stacked)
-    common = dict(loss_kwargs or {})
-  leaves, treedef = jax.tree.flatten(split)
-  mapped = [i for i, x in enumerate(leaves) if jnp.ndim(x) > 0]
-  num_chunks = int(jnp.shape(leaves[mapped[0]])[0])
+  # The loss's output is checked once here, so that its errors name
+  # m_sharpness rather than the measure.
+  first = chunk_kwargs([leaves[i][0] for i in mapped])
+  jax.eval_shape(lambda: objective_lib.check_loss_output(
+      owner, loss_fn(params, **first), has_aux))
   pass_key = _accepts_key(measure)
   keys = jax.random.split(objective_lib.resolve_key(key), num_chunks)
 
   def one_chunk(inputs):
     chunk_leaves, chunk_key = inputs
-    full = list(leaves)
-    for i, x in zip(mapped, chunk_leaves):
-      full[i] = x
-    chunk_kwargs = {**common, **jax.tree.unflatten(treedef, full)}
     extra = {'key': chunk_key} if pass_key else {}
-    out = measure(loss_fn, params, loss_kwargs=chunk_kwargs, has_aux=has_aux,
-                  **extra, **measure_options)
-    value = getattr(out, 'sharpness', out)
-    return jnp.asarray(value, jnp.float32)
+    out = measure(loss_fn, params, loss_kwargs=chunk_kwargs(chunk_leaves),
+                  has_aux=has_aux, **extra, **measure_options)
+    return _main_value(owner, measure, out)
 
   values = jax.lax.map(one_chunk, ([leaves[i] for i in mapped], keys))
-  return jnp.mean(values)
+  return jnp.mean(values, axis=0)
