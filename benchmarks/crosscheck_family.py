@@ -140,7 +140,7 @@ def torch_side(path_in: str, path_out: str) -> None:
 # ----------------------------------------------------------------------------
 # The JAX side.
 
-def jax_run(case, hp, data, dtype):
+def jax_run(case, hp, data, dtype, steps=STEPS):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
@@ -170,7 +170,7 @@ def jax_run(case, hp, data, dtype):
     return optax.apply_updates(params, updates), state
 
   state, trajectory = tx.init(params), []
-  for t in range(STEPS):
+  for t in range(steps):
     params, state = step(params, state, jnp.asarray(data['x'][t], dtype),
                          jnp.asarray(data['y'][t]))
     trajectory.append(np.concatenate(
@@ -214,6 +214,8 @@ def main(argv=None) -> int:
   parser.add_argument('--torch-python', default='/work/venv-torch/bin/python')
   parser.add_argument('--torch-side', nargs=2, metavar=('IN', 'OUT'))
   parser.add_argument('--out', default=RESULTS)
+  parser.add_argument('--quick', action='store_true',
+                      help='the JAX side only, 2 steps, nothing written')
   args = parser.parse_args(argv)
   if args.torch_side:
     torch_side(*args.torch_side)
@@ -222,6 +224,15 @@ def main(argv=None) -> int:
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import _common  # pylint: disable=g-import-not-at-top
   data = problem()
+  if args.quick:
+    for case, hp in CASES:
+      assert np.all(np.isfinite(jax_run(case, hp, data, 'float32', 2)))
+    return 0
+  if not os.path.exists(args.torch_python):
+    print(f'crosscheck_family: skipped, no torch interpreter at'
+          f' {args.torch_python} (see the module docstring to install one);'
+          f' {RESULTS} is kept as it is.')
+    return 0
   with tempfile.TemporaryDirectory() as tmp:
     np.savez(os.path.join(tmp, 'in.npz'), **data)
     subprocess.run([args.torch_python, os.path.abspath(__file__),

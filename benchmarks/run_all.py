@@ -31,6 +31,7 @@ BENCHMARKS = {
     'devices': 'bench_devices.py',
     'hessian': 'bench_hessian.py',
     'xsam_defaults': 'xsam_defaults.py',
+    'crosscheck': 'crosscheck_family.py',
 }
 
 
