@@ -111,10 +111,10 @@ def make_optimizer(method: str, rho: float, args) -> optax.GradientTransformatio
     rho_schedule = rho
   if method == 'sam':
     front = sam_optax.sam(loss_fn, rho=rho_schedule,
-                          ascent_steps=args.ascent_steps)
+                          ascent_steps=args.ascent_steps, track_cosine=True)
   elif method == 'asam':
     front = sam_optax.asam(loss_fn, rho=rho_schedule, eta=args.eta,
-                           ascent_steps=args.ascent_steps)
+                           ascent_steps=args.ascent_steps, track_cosine=True)
   else:
     raise ValueError(f'unknown method {method!r}; use sgd, sam or asam.')
   return optax.chain(front, base)

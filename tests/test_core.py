@@ -159,7 +159,7 @@ def test_diagnostics_match_reference():
   params = jax.tree.map(jnp.float32, init_params())
   batch = jax.tree.map(jnp.float32, make_batches()[0])
   np_params, np_batch = init_params(), make_batches()[0]
-  tx = sam_optax.sam(loss_fn, rho=0.3)
+  tx = sam_optax.sam(loss_fn, rho=0.3, track_cosine=True)
   grads = jax.grad(loss_fn)(params, batch=batch)
   out, state = tx.update(grads, tx.init(params), params, batch=batch)
   g0 = np_grad(np_params, np_batch)

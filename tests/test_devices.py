@@ -134,7 +134,7 @@ def test_shard_map_is_mean_of_per_device_sam(variant):
 
 def test_pmap_is_mean_of_per_device_sam():
   tx = sam_optax.sam(loss_fn, RHO, layout=sam_optax.PerDevice('i'),
-                     ascent_steps=2)
+                     ascent_steps=2, track_cosine=True)
   state = tx.init(PARAMS)
 
   def step(params, state, x, y):
@@ -154,7 +154,7 @@ def test_pmap_is_mean_of_per_device_sam():
 
 def test_synced_perturbation_is_full_batch_sam():
   tx = sam_optax.sam(loss_fn, RHO, layout=sam_optax.PerDevice('d', sync=True),
-                     ascent_steps=2)
+                     ascent_steps=2, track_cosine=True)
   out, state = run_shard_map(tx)
   expected, loss = reference_sam(PARAMS, X, Y, steps=2)
   assert_close(out, expected)
@@ -165,7 +165,7 @@ def test_synced_perturbation_is_full_batch_sam():
   np.testing.assert_allclose(state.grad_norm, norm, rtol=1e-5)
   # Global SAM reports what SAM on one device reports for the same batch:
   # the cosine between the global g0 and the global gradient handed on.
-  one = sam_optax.sam(loss_fn, RHO, ascent_steps=2)
+  one = sam_optax.sam(loss_fn, RHO, ascent_steps=2, track_cosine=True)
   _, one_state = one.update(full_grad, one.init(PARAMS), PARAMS, x=X, y=Y)
   cosine = sum(float(jnp.vdot(a, b)) for a, b in zip(
       jax.tree.leaves(full_grad), jax.tree.leaves(expected))) / (
@@ -287,7 +287,8 @@ def chunk_reference(x, y, m):
 
 @pytest.mark.parametrize('mode', ['sequential', 'vectorized'])
 def test_chunks_equal_per_chunk_reference(mode):
-  tx = sam_optax.sam(loss_fn, RHO, layout=sam_optax.Chunks(CHUNK, mode=mode))
+  tx = sam_optax.sam(loss_fn, RHO, layout=sam_optax.Chunks(CHUNK, mode=mode),
+                     track_cosine=True)
   grads = jax.grad(loss_fn)(PARAMS, X, Y)
   out, state = jax.jit(tx.update)(grads, tx.init(PARAMS), PARAMS, x=X, y=Y)
   assert_close(out, chunk_reference(X, Y, CHUNK))
@@ -353,7 +354,8 @@ def test_shared_perturbation_is_full_batch_sam():
 
 @pytest.mark.parametrize('mode', ['sequential', 'vectorized'])
 def test_xsam_chooses_alpha_once_and_chunks_agree_with_devices(mode):
-  kwargs = dict(rho_max=0.5, probe_every=1, alpha_step=0.25)
+  kwargs = dict(rho_max=0.5, probe_every=1, alpha_step=0.25,
+                track_cosine=True)
   m = BATCH // DEVICES
   tx = sam_optax.xsam(loss_fn, RHO, layout=sam_optax.Chunks(m, mode=mode),
                       **kwargs)

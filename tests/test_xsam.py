@@ -130,7 +130,7 @@ def test_agrees_with_numpy_reference(k):
   rho, rho_max, lr, mu, steps, every = 0.3, 0.8, 0.5, 0.9, 7, 3
   tx = optax.chain(
       sam_optax.xsam(loss_fn, rho=rho, rho_max=rho_max, probe_every=every,
-                     ascent_steps=k),
+                     ascent_steps=k, track_cosine=True),
       optax.sgd(lr, momentum=mu),
   )
   got = run_steps(tx, steps)
@@ -282,8 +282,10 @@ def test_probe_batch_size_does_not_change_the_result(probe_batch_size):
 def test_alpha_one_is_exactly_sam(k):
   make = lambda t: optax.chain(t, optax.sgd(0.5, momentum=0.9))
   got = run_steps(make(sam_optax.xsam(loss_fn, rho=0.3, probe_every=None,
+                                      track_cosine=True,
                                       alpha=1.0, ascent_steps=k)), 5)
-  want = run_steps(make(sam_optax.sam(loss_fn, rho=0.3, ascent_steps=k)), 5)
+  want = run_steps(make(sam_optax.sam(loss_fn, rho=0.3, ascent_steps=k,
+                                      track_cosine=True)), 5)
   close = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7)
   for (p, s), (q, r) in zip(got, want):
     # c0 = 0 and c1 = 1 exactly, so only rounding (two compiled programs)
@@ -319,7 +321,7 @@ def test_fixed_alpha_schedule_and_zero_is_ascent_direction():
 
 
 def test_zero_gradient_gives_zero_update_and_smallest_alpha():
-  tx = sam_optax.xsam(quad_loss, rho=0.1, probe_every=1)
+  tx = sam_optax.xsam(quad_loss, rho=0.1, probe_every=1, track_cosine=True)
   w0 = jnp.zeros(2)
   updates, state = tx.update(jnp.zeros(2), tx.init(w0), w0)
   np.testing.assert_array_equal(updates, np.zeros(2))
@@ -333,14 +335,16 @@ def test_zero_gradient_gives_zero_update_and_smallest_alpha():
 def test_parallel_and_antiparallel_gradients_are_finite(alpha):
   c = jnp.array([1.0, -2.0])
   linear = lambda w: jnp.dot(c, w)  # g_k = g0: theta = 0
-  tx = sam_optax.xsam(linear, rho=0.1, probe_every=None, alpha=alpha)
+  tx = sam_optax.xsam(linear, rho=0.1, probe_every=None, alpha=alpha,
+                      track_cosine=True)
   w0 = jnp.array([0.3, 0.4])
   updates, state = tx.update(c, tx.init(w0), w0)
   np.testing.assert_allclose(updates, c, rtol=1e-6)
   assert np.isfinite(state.cosine)
 
   concave = lambda w: -0.5 * jnp.sum(w ** 2)  # g_k = -g0 / 3: theta = pi
-  tx = sam_optax.xsam(concave, rho=0.2, probe_every=None, alpha=alpha)
+  tx = sam_optax.xsam(concave, rho=0.2, probe_every=None, alpha=alpha,
+                      track_cosine=True)
   w0 = jnp.array([0.05, 0.0])
   updates, state = tx.update(jax.grad(concave)(w0), tx.init(w0), w0)
   g1 = np.array([0.15, 0.0])  # -(w0 + 0.2 * (-1, 0))

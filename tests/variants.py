@@ -30,16 +30,22 @@ class Variant:
   name: str
   factory: Callable[..., Any]
   kwargs: dict = dataclasses.field(default_factory=dict)
+  # Hyperparameters this configuration does not use in its updates (e.g.
+  # xsam's alpha with the probe on only seeds the state before the probe).
+  unused: tuple = ()
 
   def make(self, loss_fn, rho, **kwargs):
-    return self.factory(loss_fn, rho=rho, **{**self.kwargs, **kwargs})
+    """The variant with the cosine diagnostic on (the battery checks it)."""
+    kwargs = {'track_cosine': True, **self.kwargs, **kwargs}
+    return self.factory(loss_fn, rho=rho, **kwargs)
 
 
 VARIANTS = [
     Variant('sam', sam_optax.sam),
     Variant('sam_k2', sam_optax.sam, {'ascent_steps': 2}),
     Variant('asam', sam_optax.asam, {'eta': 0.01}),
-    Variant('xsam', sam_optax.xsam, {'probe_every': 1, 'rho_max': 0.02}),
+    Variant('xsam', sam_optax.xsam, {'probe_every': 1, 'rho_max': 0.02},
+            unused=('alpha',)),
     Variant('sign_sam_of_design_doc', design_doc_variant()),
     Variant('gsam', sam_optax.gsam, {'alpha': 0.4}),
     # gamma 0.6 (alpha 1.5): the quadratic's SAM-like orbit, scaled by alpha,

@@ -183,7 +183,8 @@ def _make_local(tree: PyTree, axes: tuple, tracked: bool) -> PyTree:
   return jax.tree.map(cast, tree)
 
 
-def reduce_step(layout: layouts.Layout, out: PyTree, diagnostics, means):
+def reduce_step(layout: layouts.Layout, out: PyTree, diagnostics, means,
+                track_cosine: bool = True):
   """Averages the step over devices: one all-reduce for `PerDevice`.
 
   ``diagnostics`` are each group's ``(perturbed_loss, grad_norm, cosine,
@@ -201,9 +202,9 @@ def reduce_step(layout: layouts.Layout, out: PyTree, diagnostics, means):
       grad_norm * tree_math.tree_norm(g))
   if layout.sync and layout.groups is not None:
     out = sync_mean(out, layout)
-    cosine = cosine_of(out)
+    cosine = cosine_of(out) if track_cosine else cosine
   out, (perturbed_loss, grad_norm, cosine, dot), means = device_mean(
       layout, (out, (perturbed_loss, grad_norm, cosine, dot), means))
-  if layout.sync and layout.groups is None:
+  if layout.sync and layout.groups is None and track_cosine:
     cosine = cosine_of(out)
   return out, (perturbed_loss, grad_norm, cosine), means

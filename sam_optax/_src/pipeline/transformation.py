@@ -45,6 +45,8 @@ _COMMON = (
                       default=None, annotation='Optional[LeafMask]'),
     inspect.Parameter('layout', inspect.Parameter.KEYWORD_ONLY, default=None,
                       annotation='Optional[Union[Chunks, PerDevice]]'),
+    inspect.Parameter('track_cosine', inspect.Parameter.KEYWORD_ONLY,
+                      default=False, annotation='bool'),
 )
 
 
@@ -53,11 +55,12 @@ def transformation(factory: Callable[..., Variant]):
 
   @functools.wraps(factory)
   def public(loss_fn, *args, ascent_steps=1, has_aux=False,
-             perturbation_mask=None, layout=None, **kwargs):
+             perturbation_mask=None, layout=None, track_cosine=False,
+             **kwargs):
     variant = factory(loss_fn, *args, **kwargs)
     return build(variant, loss_fn, ascent_steps=ascent_steps,
                  has_aux=has_aux, perturbation_mask=perturbation_mask,
-                 layout=layout)
+                 layout=layout, track_cosine=track_cosine)
 
   signature = inspect.signature(factory)
   public.__signature__ = signature.replace(
@@ -113,13 +116,14 @@ def _check_real(owner: str, params: PyTree) -> None:
 
 
 def _check_options(variant, loss_fn, ascent_steps, has_aux,
-                   perturbation_mask, layout) -> int:
+                   perturbation_mask, layout, track_cosine) -> int:
   owner = variant.name
   validation.check_loss_fn(owner, loss_fn)
   for name, value in variant.hyperparams.items():
     validation.check_hyperparameter(
         owner, name, value, allow_zero=name not in variant.positive)
   validation.check_bool(owner, 'has_aux', has_aux)
+  validation.check_bool(owner, 'track_cosine', track_cosine)
   directions.check_mask(owner, 'perturbation_mask', perturbation_mask)
   layouts.check_layout(owner, layout)
   return validation.check_static_int(owner, 'ascent_steps', ascent_steps,
@@ -128,10 +132,10 @@ def _check_options(variant, loss_fn, ascent_steps, has_aux,
 
 def build(variant: Variant, loss_fn, *, ascent_steps: int = 1,
           has_aux: bool = False, perturbation_mask=None,
-          layout: layouts.Layout = None):
+          layout: layouts.Layout = None, track_cosine: bool = False):
   """The `optax.GradientTransformationExtraArgs` that runs ``variant``."""
   ascent_steps = _check_options(variant, loss_fn, ascent_steps, has_aux,
-                                perturbation_mask, layout)
+                                perturbation_mask, layout, track_cosine)
   owner = variant.name
   accepted = forwarded_names(loss_fn)
   scalar_loss = validation.checked_scalar_loss(owner, loss_fn, has_aux)
@@ -169,8 +173,13 @@ def build(variant: Variant, loss_fn, *, ascent_steps: int = 1,
     step = variant.combine(
         context(batch, state, hp, mask, group, decision, decided))
     g0, out = group.clean_grad, step.gradient
-    grad_norm, dot = tree_math.tree_norm(g0), tree_math.tree_vdot(g0, out)
-    cosine = dot * tree_math.safe_inverse(grad_norm * tree_math.tree_norm(out))
+    grad_norm = tree_math.tree_norm(g0)
+    if track_cosine:  # keeps g0 alive to the end: one more buffer, 2 passes
+      dot = tree_math.tree_vdot(g0, out)
+      cosine = dot * tree_math.safe_inverse(
+          grad_norm * tree_math.tree_norm(out))
+    else:
+      dot = cosine = jnp.full([], jnp.nan, jnp.float32)
     own = [getattr(step.state, f) for f in own_fields]
     means = tuple(v for f, v in zip(own_fields, own)
                   if variant.agree[f] == 'mean')
@@ -217,7 +226,7 @@ def build(variant: Variant, loss_fn, *, ascent_steps: int = 1,
     elif rho is None:  # rho = 0 is exactly the base optimizer: a select
       out = tree_math.tree_select(hp['rho'] == 0, updates, out)
     out, diagnostics, means = groups.reduce_step(layout, out, diagnostics,
-                                                 means)
+                                                 means, track_cosine)
     return out, agreed_state(state, state.count, diagnostics, means, others)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
