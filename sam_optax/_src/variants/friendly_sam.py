@@ -78,7 +78,9 @@ def friendly_sam(
   **As the authors' code** (nblt/F-SAM, ``FriendlySAM`` in ``utils.py``) and
   pytorch-optimizer 4.x's ``FriendlySAM``: first step, order of the updates
   and ``sigma=1, lmbda=0.9`` as defaults. Both divide by ``||d|| + 1e-12``;
-  here the division is exact and zero-safe. With ``ascent_steps=k`` the
+  here the division is exact and zero-safe. (An earlier pytorch-optimizer
+  release averaged the corrected direction :math:`d` into the momentum
+  instead of the raw gradient; 4.x follows the authors, and so do we.) With ``ascent_steps=k`` the
   first of the k steps follows :math:`d`, the later ones the gradient at the
   point reached (the paper has k = 1).
 
