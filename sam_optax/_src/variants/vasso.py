@@ -20,7 +20,8 @@ class VaSSOState(NamedTuple):
     count: number of updates so far (int32).
     perturbed_loss: L(w + eps) at the last update, float32.
     grad_norm: ||g0||, the norm of the last clean gradient, float32.
-    cosine: cos(g0, g) between the clean gradient and the gradient handed on.
+    cosine: cos(g0, g) between the clean gradient and the gradient handed
+      on; NaN unless built with ``track_cosine=True``.
     direction: d, the moving average of the clean gradients that the ascent
       follows, as one float32 vector over all parameters (the leaves of
       ``params`` in `jax.tree.leaves` order, raveled and concatenated; zeros

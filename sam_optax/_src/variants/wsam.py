@@ -28,7 +28,8 @@ class WSAMState(NamedTuple):
     perturbed_loss: L(w + eps) at the last update, float32.
     grad_norm: ||g0||, the norm of the last clean gradient, float32.
     cosine: cos(g0, g) between the clean gradient and the gradient handed to
-      the base optimizer (g0 itself, so 1 unless g0 = 0).
+      the base optimizer (g0 itself, so 1 unless g0 = 0); NaN unless built
+      with ``track_cosine=True``.
     sharpness: alpha (g1 - g0), the weighted sharpness gradient of the last
       update that the decoupled step applies with the learning rate, as one
       float32 vector over all parameters (the leaves of ``params`` in
