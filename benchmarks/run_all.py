@@ -32,6 +32,7 @@ BENCHMARKS = {
     'hessian': 'bench_hessian.py',
     'xsam_defaults': 'xsam_defaults.py',
     'crosscheck': 'crosscheck_family.py',
+    'efficient': 'bench_efficient.py',
 }
 
 

@@ -16,6 +16,16 @@ from sam_optax._src.core.schedules import rho_proportional_to_lr
 from sam_optax._src.pipeline.layouts import Chunks
 from sam_optax._src.pipeline.layouts import PerDevice
 from sam_optax._src.variants.asam import asam
+from sam_optax._src.variants.ae_sam import AESAMState
+from sam_optax._src.variants.ae_sam import ae_sam
+from sam_optax._src.variants.esam import ESAMState
+from sam_optax._src.variants.esam import esam
+from sam_optax._src.variants.looksam import LookSAMState
+from sam_optax._src.variants.looksam import looksam
+from sam_optax._src.variants.msam import MSAMState
+from sam_optax._src.variants.msam import msam
+from sam_optax._src.variants.random_sam import RandomSAMState
+from sam_optax._src.variants.random_sam import random_sam
 from sam_optax._src.variants.bsam import BSAMState
 from sam_optax._src.variants.bsam import bsam
 from sam_optax._src.variants.friendly_sam import FriendlySAMState
@@ -35,6 +45,16 @@ from sam_optax import sharpness
 __version__ = '0.1.0'
 
 __all__ = (
+    'AESAMState',
+    'ESAMState',
+    'LookSAMState',
+    'MSAMState',
+    'RandomSAMState',
+    'ae_sam',
+    'esam',
+    'looksam',
+    'msam',
+    'random_sam',
     'BSAMState',
     'Chunks',
     'DecoupledWSAMState',

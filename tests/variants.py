@@ -59,6 +59,15 @@ VARIANTS = [
     # the defaults, over steps and layouts, is checked in test_family.py.
     Variant('friendly_sam', sam_optax.friendly_sam, {'sigma': 0.0}),
     Variant('vasso', sam_optax.vasso, {'theta': 1.0}),
+    # The cheap family, configured so that every step is a SAM step (k=1,
+    # p=1, a threshold below any gradient norm, beta=1): the battery checks
+    # their plumbing; their SAM / reuse steps are checked in test_cheap.py.
+    # msam's first step is special by design (v = 0), so the stateless
+    # checks cannot apply: test_cheap.py runs the battery checks that do.
+    Variant('looksam', sam_optax.looksam, {'k': 1}, unused=('alpha',)),
+    Variant('ae_sam', sam_optax.ae_sam, {'c_start': -4.0, 'c_end': -4.0}),
+    Variant('random_sam', sam_optax.random_sam, {'p': 1.0}),
+    Variant('esam', sam_optax.esam, {'beta': 1.0}),
 ]
 
 # The layout battery (test_layouts.py) compares a layout with the variant run

@@ -33,15 +33,14 @@ class Group(NamedTuple):
     clean_grad: g0, the gradient the group's perturbation is built from.
     grad_at: ``w -> (loss, grad)`` on the group's examples.
     loss_at: ``w -> loss`` on the group's examples (a forward pass).
-    ascent_grad_at: ``grad_at`` averaged over the group's devices, for the
-      intermediate ascent steps (``grad_at`` itself unless
-      ``PerDevice(sync=True)``).
+
+  With ``PerDevice(sync=True)`` a group spans devices, and every loss and
+  gradient is already averaged over them.
   """
 
   clean_grad: PyTree
   grad_at: Callable[[PyTree], tuple[jax.Array, PyTree]]
   loss_at: Callable[[PyTree], jax.Array]
-  ascent_grad_at: Callable[[PyTree], tuple[jax.Array, PyTree]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +104,7 @@ class Context:
     displacement = None
     for i in range(self.ascent_steps):
       if i:
-        _, grad = self.group.ascent_grad_at(self.shift(displacement))
+        _, grad = self.group.grad_at(self.shift(displacement))
       if self.mask is not None:
         grad = jax.tree.map(lambda g, keep: g if keep else jnp.zeros_like(g),
                             grad, self.mask)
@@ -178,6 +177,12 @@ class Variant:
     decides: optional ``state -> bool``: on which steps ``decide`` runs
       (a `jax.lax.cond`); every step when None.
     positive: the hyperparameters that must be > 0 (others >= 0).
+    uses_clean_grad: False for a variant that never reads ``ctx.clean_grad``
+      (Momentum-SAM): the pipeline then reads it neither (``grad_norm`` is
+      NaN, "not measured", unless ``track_cosine=True``) nor selects it for
+      ``rho == 0`` -- the variant's own gradient at ``w + 0`` is then the
+      base optimizer's input -- so under `jax.jit` XLA removes the caller's
+      clean gradient and the step costs one gradient.
   """
 
   name: str
@@ -191,6 +196,7 @@ class Variant:
   decide: Optional[Callable[[Context], PyTree]] = None
   decides: Optional[Callable[[NamedTuple], jax.Array]] = None
   positive: tuple[str, ...] = ()
+  uses_clean_grad: bool = True
 
   def __post_init__(self):
     fields = tuple(self.state._fields)

@@ -1,0 +1,238 @@
+"""The cheap family against references written from their equations.
+
+Each reference is plain NumPy (float64) on a linear least-squares problem
+whose gradient is written by hand, run for several steps so that SAM steps
+and the steps between (reuse / plain) both occur. The random choices
+(random_sam's coin, esam's leaf draws) are specified as draws from the key
+in the state, so the references redraw them with `jax.random`. msam does
+not fit the shared battery's stateless-step checks (its first step is
+special by design), so the battery checks that apply run on it here.
+"""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import sam_optax
+import test_battery
+import test_reliability
+from variants import Variant
+
+_rng = np.random.default_rng(3)
+X = _rng.normal(size=(16, 4))
+Y = X @ np.array([1.0, -2.0, 0.5, 3.0]) + 0.7 + 0.3 * _rng.normal(size=16)
+BATCH = {'x': jnp.asarray(X, jnp.float32), 'y': jnp.asarray(Y, jnp.float32)}
+LR, STEPS = 0.05, 8
+
+
+def loss_fn(params, batch):
+  pred = batch['x'] @ params['w'] + params['b']
+  return 0.5 * jnp.mean((pred - batch['y']) ** 2)
+
+
+def grad_np(w):
+  """The hand-written gradient of loss_fn at w = [w (4), b]."""
+  r = X @ w[:4] + w[4] - Y
+  return np.concatenate([X.T @ r / len(Y), [np.mean(r)]])
+
+
+def unit(v):
+  n = np.linalg.norm(v)
+  return v / n if n > 0 else 0 * v
+
+
+def run(tx, steps=STEPS):
+  """The transformation chained with SGD: flat params and sam_step flags."""
+  tx = optax.chain(tx, optax.sgd(LR))
+  params = {'w': jnp.zeros(4), 'b': jnp.zeros([])}
+  state, flags = tx.init(params), []
+  update = jax.jit(tx.update)
+  for _ in range(steps):
+    grads = jax.grad(loss_fn)(params, BATCH)
+    updates, state = update(grads, state, params, batch=BATCH)
+    params = optax.apply_updates(params, updates)
+    flags.append(bool(getattr(state[0], 'sam_step', True)))
+  return np.concatenate([params['w'], [params['b']]]), flags
+
+
+def sam_grad(w, rho):
+  return grad_np(w + rho * unit(grad_np(w)))
+
+
+def reference(handed_on, steps=STEPS):
+  """SGD on ``handed_on(t, w, g0) -> (g, sam_step)``."""
+  w, flags = np.zeros(5), []
+  for t in range(steps):
+    g, flag = handed_on(t, w, grad_np(w))
+    w, flags = w - LR * g, flags + [flag]
+  return w, flags
+
+
+def check(tx, handed_on):
+  got, flags = run(tx)
+  want, want_flags = reference(handed_on)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+  assert flags == want_flags
+  assert any(want_flags) and not all(want_flags), want_flags
+  return flags
+
+
+def looksam_reference(rho, k, alpha, per_tensor):
+  parts = [slice(0, 4), slice(4, 5)] if per_tensor else [slice(0, 5)]
+  stored = {'g_v': np.zeros(5)}
+
+  def handed_on(t, w, g0):
+    if t % k == 0:
+      g1 = sam_grad(w, rho)
+      for s in parts:  # g_v = g1 - |g1| cos(g0, g1) g0 / |g0|
+        cos = unit(g0[s]) @ unit(g1[s])
+        stored['g_v'][s] = g1[s] - np.linalg.norm(g1[s]) * cos * unit(g0[s])
+      return g1, True
+    g = g0.copy()
+    for s in parts:
+      v = stored['g_v'][s]
+      g[s] += alpha * np.linalg.norm(g0[s]) * unit(v)
+    return g, False
+
+  return handed_on
+
+
+@pytest.mark.parametrize('per_tensor', [False, True])
+def test_looksam_matches_its_equations(per_tensor):
+  check(sam_optax.looksam(loss_fn, rho=0.3, k=3, alpha=0.7,
+                          per_tensor=per_tensor),
+        looksam_reference(0.3, 3, 0.7, per_tensor))
+
+
+def test_random_sam_coin_and_interval():
+  keys = {'key': jax.random.PRNGKey(5)}
+
+  def coin(t, w, g0):
+    keys['key'], draw = jax.random.split(keys['key'])
+    take = bool(jax.random.uniform(draw) < 0.5)
+    return (sam_grad(w, 0.3) if take else g0), take
+
+  check(sam_optax.random_sam(loss_fn, rho=0.3, p=0.5, seed=5), coin)
+  every = lambda t, w, g0: ((sam_grad(w, 0.6), True) if t % 2 == 0
+                            else (g0, False))
+  check(sam_optax.random_sam(loss_fn, rho=0.3, interval=2, scale_rho=True),
+        every)
+
+
+def test_ae_sam_matches_its_equations():
+  delta, total, c0, c1 = 0.5, 6, -1.0, 1.0
+  stats = {}
+
+  def handed_on(t, w, g0):
+    n = g0 @ g0
+    if t == 0:
+      stats.update(mu=n, var=0.0)
+    else:
+      stats['mu'] = delta * stats['mu'] + (1 - delta) * n
+      stats['var'] = delta * stats['var'] + (1 - delta) * (n - stats['mu'])**2
+    c = c0 + (c1 - c0) * min(t / total, 1.0)
+    take = n >= stats['mu'] + c * np.sqrt(stats['var'])
+    return (sam_grad(w, 0.3) if take else g0), bool(take)
+
+  check(sam_optax.ae_sam(loss_fn, rho=0.3, delta=delta, total_steps=total,
+                         c_start=c0, c_end=c1), handed_on)
+
+
+def test_msam_matches_its_equations():
+  state = {'v': np.zeros(5)}
+
+  def handed_on(t, w, g0):
+    del g0
+    g = grad_np(w - 0.3 * unit(state['v']))
+    state['v'] = 0.8 * state['v'] + 0.2 * g
+    return g, t > 0
+
+  got, _ = run(sam_optax.msam(loss_fn, rho=0.3, beta=0.8))
+  want, _ = reference(handed_on)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+
+
+def test_esam_matches_its_equations():
+  keys = {'key': jax.random.PRNGKey(2)}
+
+  def handed_on(t, w, g0):
+    keys['key'], draw = jax.random.split(keys['key'])
+    keep = np.asarray(jax.random.uniform(draw, (2,)) < 0.5, float)
+    # leaves in jax.tree.leaves order: b, then w
+    scale = np.concatenate([np.full(4, keep[1]), [keep[0]]]) / 0.5
+    return grad_np(w + 0.3 * scale * unit(g0)), True
+
+  got, _ = run(sam_optax.esam(loss_fn, rho=0.3, beta=0.5, seed=2))
+  want, _ = reference(handed_on)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+
+
+def _dots(front):
+  tx = optax.chain(front, optax.sgd(0.1)) if front else optax.sgd(0.1)
+
+  def step(params, state):
+    grads = jax.grad(loss_fn)(params, BATCH)
+    updates, state = tx.update(grads, state, params, batch=BATCH)
+    return optax.apply_updates(params, updates), state
+
+  params = {'w': jnp.zeros(4), 'b': jnp.zeros([])}
+  text = jax.jit(step).lower(params, tx.init(params)).compile().as_text()
+  return len(re.findall(r'= \S+ (?:dot|convolution)\(', text))
+
+
+@pytest.mark.parametrize('rho', [0.3, optax.constant_schedule(0.3)],
+                         ids=['number', 'schedule'])
+def test_msam_step_has_one_gradients_dots(rho):
+  one = _dots(None)
+  assert one > 0
+  assert _dots(sam_optax.msam(loss_fn, rho=rho)) == one
+  assert _dots(sam_optax.sam(loss_fn, rho=0.3)) > one
+  state = sam_optax.msam(loss_fn, rho=rho).init({'w': jnp.zeros(4)})
+  assert np.isnan(float(state.grad_norm)) or float(state.grad_norm) == 0.0
+
+
+def test_skipped_steps_do_not_compute_the_second_gradient():
+  calls = []
+
+  def counted(params, batch):
+    calls.append(1)  # traced once per gradient site, never per step
+    return loss_fn(params, batch)
+
+  tx = sam_optax.random_sam(counted, rho=0.1, p=0.0)
+  params = {'w': jnp.ones(4), 'b': jnp.zeros([])}
+  grads = jax.grad(loss_fn)(params, BATCH)
+  out, state = jax.jit(tx.update)(grads, tx.init(params), params,
+                                  batch=BATCH)
+  assert not bool(state.sam_step)
+  np.testing.assert_array_equal(out['w'], grads['w'])
+
+
+MSAM = Variant('msam', sam_optax.msam, {'beta': 0.9})
+BATTERY = [test_battery.test_one_trace_and_stable_state,
+           test_battery.test_inject_hyperparams_sets_rho,
+           test_battery.test_zero_gradient_is_a_normal_case,
+           test_battery.test_aux_is_dropped,
+           test_battery.test_bad_input_is_a_clear_error,
+           test_reliability.test_complex_parameters_are_a_clear_error,
+           test_reliability.test_derivative_through_update_is_finite_at_a_zero_gradient]
+
+
+@pytest.mark.parametrize('check_fn', BATTERY, ids=lambda f: f.__name__)
+def test_msam_passes_the_battery_checks_that_apply(check_fn):
+  check_fn(MSAM)
+
+
+@pytest.mark.parametrize('rho', [0.0, optax.constant_schedule(0.0)],
+                         ids=['number', 'schedule'])
+def test_msam_rho_zero_is_exactly_the_base_optimizer(rho):
+  test_battery.test_rho_zero_is_exactly_the_base_optimizer(MSAM, rho)
+
+
+@pytest.mark.parametrize('bad', [float('nan'), -0.1])
+def test_msam_bad_traced_hyperparameter_is_nan(bad):
+  test_reliability.test_a_bad_traced_hyperparameter_shows_as_nan(MSAM, bad)
