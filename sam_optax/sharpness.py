@@ -16,6 +16,23 @@ loss_kwargs=None, batches=None, key=None, has_aux=False, ...)``:
 
 Hessian quantities use Hessian-vector products (forward-over-reverse); the
 Hessian is never formed.
+
+What every helper does with unusual input (tests/test_sharpness_battery.py
+runs each through all of it):
+
+- a zero gradient is an ordinary point: finite values and derivatives;
+- bfloat16 params work: perturbations are added in float32 and rounded to
+  the params' dtype, norms and results are float32;
+- a NaN loss (at w, on one chunk, or anywhere on an ascent) gives NaN, never
+  a plausible number (an infinite L(w) too); landscapes keep each loss as
+  loss_fn gives it;
+- complex params are a TypeError (norms and dot products here are real):
+  split them, ``params = {'re': w.real, 'im': w.imag}``, and rebuild
+  ``w = params['re'] + 1j * params['im']`` inside loss_fn;
+- a loss that is not a scalar, a loss_fn whose output disagrees with
+  ``has_aux``, a dict returned as the loss (``jax.grad(loss_fn)`` by
+  mistake) and loss_kwargs that is not a dict are errors naming the helper
+  and the fix.
 """
 
 from sam_optax._src.sharpness.hessian import HessianEigenvalues

@@ -301,14 +301,15 @@ def test_power_iteration_reports_no_convergence():
 
 
 def test_lanczos_opposite_eigenvalues_and_residuals():
-  out = sharpness.hessian_eigenvalues(plus_minus_loss, jnp.zeros(5), k=2,
-                                      which='magnitude', num_iterations=5)
+  out = jax.jit(lambda w: sharpness.hessian_eigenvalues(
+      plus_minus_loss, w, k=2, which='magnitude', num_iterations=5))(
+          jnp.zeros(5))
   np.testing.assert_allclose(np.sort(np.asarray(out.eigenvalues)), [-2, 2],
                              atol=1e-4)
   assert np.all(np.asarray(out.residuals) < 1e-4)
   # A partial basis: the reported residuals are the true ||H y - theta y||.
-  part = sharpness.hessian_eigenvalues(mlp_loss, PARAMS, k=3,
-                                       num_iterations=6, loss_kwargs=BATCH)
+  part = jax.jit(lambda p, b: sharpness.hessian_eigenvalues(
+      mlp_loss, p, k=3, num_iterations=6, loss_kwargs=b))(PARAMS, BATCH)
   for i in range(3):
     y = flat(jax.tree.map(lambda x, i=i: x[i], part.eigenvectors))
     theta = float(part.eigenvalues[i])
@@ -322,6 +323,26 @@ def offset_loss(params, x, y, offset):
   return mlp_loss(params, x, y) + offset
 
 
+@jax.jit
+def nan_outputs(kwargs):
+  """Every Hessian helper on one batch, in one compiled function."""
+  kw = {'loss_kwargs': kwargs}
+  top = sharpness.hessian_top_eigenvalue(offset_loss, PARAMS, **kw)
+  return {
+      'hvp': sharpness.hessian_vector_product(offset_loss, PARAMS, PARAMS,
+                                              **kw),
+      'eigenvalue': top.eigenvalue, 'eigenvector': top.eigenvector,
+      'converged': top.converged,
+      'eigenvalues': sharpness.hessian_eigenvalues(
+          offset_loss, PARAMS, k=2, num_iterations=6, **kw).eigenvalues,
+      'trace': sharpness.hessian_trace(offset_loss, PARAMS, num_samples=2,
+                                       **kw).trace,
+      'density': sharpness.hessian_spectral_density(
+          offset_loss, PARAMS, num_lanczos=4, num_probes=1, grid_size=8,
+          **kw).density,
+  }
+
+
 @pytest.mark.parametrize('where', ['loss', 'one_example'])
 def test_nan_loss_gives_nan(where):
   if where == 'loss':  # NaN loss, finite Hessian
@@ -329,20 +350,10 @@ def test_nan_loss_gives_nan(where):
   else:
     kwargs = {**BATCH, 'y': BATCH['y'].at[0].set(jnp.nan),
               'offset': jnp.float32(0)}
-  kw = {'loss_kwargs': kwargs}
-  hv = sharpness.hessian_vector_product(offset_loss, PARAMS, PARAMS, **kw)
-  top = sharpness.hessian_top_eigenvalue(offset_loss, PARAMS, **kw)
-  eig = sharpness.hessian_eigenvalues(offset_loss, PARAMS, k=2, **kw)
-  trace = sharpness.hessian_trace(offset_loss, PARAMS, num_samples=2, **kw)
-  density = sharpness.hessian_spectral_density(
-      offset_loss, PARAMS, num_lanczos=4, num_probes=1, grid_size=8, **kw)
-  for name, value in {
-      'hvp': flat(hv), 'eigenvalue': top.eigenvalue,
-      'eigenvector': flat(top.eigenvector), 'eigenvalues': eig.eigenvalues,
-      'trace': trace.trace, 'density': density.density,
-  }.items():
-    assert np.all(np.isnan(np.asarray(value))), name
-  assert not bool(top.converged)
+  out = nan_outputs(kwargs)
+  assert not bool(out.pop('converged'))
+  for name, value in out.items():
+    assert np.all(np.isnan(flat(value))), name
 
 
 HESSIAN_HELPERS = {

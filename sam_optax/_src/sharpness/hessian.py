@@ -91,7 +91,19 @@ def hessian_vector_product(
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
   Returns:
-    :math:`H v`, a pytree like params.
+    :math:`H v`, a pytree like params; NaN when L(w) is NaN or infinite.
+
+  Raises:
+    TypeError: params with a complex leaf (split it into real parts,
+      ``{'re': w.real, 'im': w.imag}``, rebuilt inside loss_fn) or an
+      integer leaf; loss_kwargs that is not a dict; a loss_fn whose output
+      disagrees with ``has_aux`` (the message names ``has_aux=True`` or
+      ``has_aux=False``), or that returns a dict (e.g. ``jax.grad(loss_fn)``
+      passed by mistake).
+    TypeError: a complex or integer vector.
+    ValueError: a loss that is not a scalar; empty or unequally shaped
+      ``batches``;
+      a vector whose structure differs from params.
 
   References:
     Pearlmutter, `Fast Exact Multiplication by the Hessian
@@ -262,6 +274,17 @@ def hessian_top_eigenvalue(
     A `HessianTopEigenvalue` (eigenvalue, eigenvector, num_iterations,
     converged).
 
+  Raises:
+    TypeError: params with a complex leaf (split it into real parts,
+      ``{'re': w.real, 'im': w.imag}``, rebuilt inside loss_fn) or an
+      integer leaf; loss_kwargs that is not a dict; a loss_fn whose output
+      disagrees with ``has_aux`` (the message names ``has_aux=True`` or
+      ``has_aux=False``), or that returns a dict (e.g. ``jax.grad(loss_fn)``
+      passed by mistake).
+    ValueError: a loss that is not a scalar; empty or unequally shaped
+      ``batches``;
+      num_iterations < 1; tolerance < 0.
+
   References:
     Yao et al., `PyHessian: Neural Networks Through the Lens of the Hessian
     <https://arxiv.org/abs/1912.07145>`_, 2020; Foret et al., `SAM
@@ -431,6 +454,18 @@ def hessian_eigenvalues(
   Returns:
     A `HessianEigenvalues` (eigenvalues, eigenvectors, residuals).
 
+  Raises:
+    TypeError: params with a complex leaf (split it into real parts,
+      ``{'re': w.real, 'im': w.imag}``, rebuilt inside loss_fn) or an
+      integer leaf; loss_kwargs that is not a dict; a loss_fn whose output
+      disagrees with ``has_aux`` (the message names ``has_aux=True`` or
+      ``has_aux=False``), or that returns a dict (e.g. ``jax.grad(loss_fn)``
+      passed by mistake).
+    ValueError: a loss that is not a scalar; empty or unequally shaped
+      ``batches``;
+      k < 1 or k > n; which not 'largest', 'smallest' or 'magnitude';
+      num_iterations < k or > n.
+
   References:
     Lanczos, `An iteration method for the solution of the eigenvalue problem
     <https://doi.org/10.6028/jres.045.026>`_, 1950; Ghorbani et al.,
@@ -534,7 +569,19 @@ def hessian_trace(
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
   Returns:
-    A `HessianTrace` (trace, standard_error).
+    A `HessianTrace` (trace, standard_error); NaN when L(w) or the Hessian
+    is NaN.
+
+  Raises:
+    TypeError: params with a complex leaf (split it into real parts,
+      ``{'re': w.real, 'im': w.imag}``, rebuilt inside loss_fn) or an
+      integer leaf; loss_kwargs that is not a dict; a loss_fn whose output
+      disagrees with ``has_aux`` (the message names ``has_aux=True`` or
+      ``has_aux=False``), or that returns a dict (e.g. ``jax.grad(loss_fn)``
+      passed by mistake).
+    ValueError: a loss that is not a scalar; empty or unequally shaped
+      ``batches``;
+      num_samples < 1.
 
   References:
     Hutchinson, `A stochastic estimator of the trace of the influence matrix
@@ -641,7 +688,20 @@ def hessian_spectral_density(
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
   Returns:
-    A `SpectralDensity` (grid, density, nodes, weights).
+    A `SpectralDensity` (grid, density, nodes, weights); all NaN when L(w)
+    or the Hessian is NaN.
+
+  Raises:
+    TypeError: params with a complex leaf (split it into real parts,
+      ``{'re': w.real, 'im': w.imag}``, rebuilt inside loss_fn) or an
+      integer leaf; loss_kwargs that is not a dict; a loss_fn whose output
+      disagrees with ``has_aux`` (the message names ``has_aux=True`` or
+      ``has_aux=False``), or that returns a dict (e.g. ``jax.grad(loss_fn)``
+      passed by mistake).
+    ValueError: a loss that is not a scalar; empty or unequally shaped
+      ``batches``;
+      num_lanczos or num_probes < 1; grid_size < 2; bandwidth not a
+      finite number > 0.
 
   References:
     Ghorbani et al., `An Investigation into Neural Net Optimization via

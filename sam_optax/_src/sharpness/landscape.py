@@ -54,7 +54,11 @@ def filter_normalized_direction(
     ignore_1d: zero direction for leaves with ndim <= 1 (else d = w there).
 
   Returns:
-    A float32 pytree like params.
+    A float32 pytree like params; NaN in the filters of NaN weights.
+
+  Raises:
+    TypeError: params with a complex leaf (split it into real parts,
+      ``{'re': w.real, 'im': w.imag}``) or an integer leaf.
 
   References:
     Li et al., `Visualizing the Loss Landscape of Neural Nets
@@ -203,7 +207,21 @@ def loss_landscape_1d(
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
   Returns:
-    A `Landscape1D` (alphas, losses).
+    A `Landscape1D` (alphas, losses); each loss as loss_fn gives it (NaN
+    where it is NaN).
+
+  Raises:
+    TypeError: params with a complex leaf (split it into real parts,
+      ``{'re': w.real, 'im': w.imag}``, rebuilt inside loss_fn) or an
+      integer leaf; loss_kwargs that is not a dict; a loss_fn whose output
+      disagrees with ``has_aux`` (the message names ``has_aux=True`` or
+      ``has_aux=False``), or that returns a dict (e.g. ``jax.grad(loss_fn)``
+      passed by mistake).
+    TypeError: a complex or integer direction or endpoint.
+    ValueError: a loss that is not a scalar; empty or unequally shaped
+      ``batches``;
+      both direction and endpoint, or one not like params; num_points < 2;
+      span not a pair low < high.
 
   References:
     Li et al., `Visualizing the Loss Landscape of Neural Nets
@@ -291,7 +309,21 @@ def loss_landscape_2d(
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
   Returns:
-    A `Landscape2D` (alphas, betas, losses).
+    A `Landscape2D` (alphas, betas, losses); each loss as loss_fn gives it
+    (NaN where it is NaN).
+
+  Raises:
+    TypeError: params with a complex leaf (split it into real parts,
+      ``{'re': w.real, 'im': w.imag}``, rebuilt inside loss_fn) or an
+      integer leaf; loss_kwargs that is not a dict; a loss_fn whose output
+      disagrees with ``has_aux`` (the message names ``has_aux=True`` or
+      ``has_aux=False``), or that returns a dict (e.g. ``jax.grad(loss_fn)``
+      passed by mistake).
+    TypeError: complex or integer directions.
+    ValueError: a loss that is not a scalar; empty or unequally shaped
+      ``batches``;
+      directions not a pair like params; num_points < 2; span not a pair
+      (or two pairs) low < high.
 
   References:
     Li et al., `Visualizing the Loss Landscape of Neural Nets

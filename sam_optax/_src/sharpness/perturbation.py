@@ -98,7 +98,18 @@ def first_order_sharpness(
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
   Returns:
-    The sharpness, a float32 scalar.
+    The sharpness, a float32 scalar; NaN when L(w) is NaN or infinite.
+
+  Raises:
+    TypeError: params with a complex leaf (split it into real parts,
+      ``{'re': w.real, 'im': w.imag}``, rebuilt inside loss_fn) or an
+      integer leaf; loss_kwargs that is not a dict; a loss_fn whose output
+      disagrees with ``has_aux`` (the message names ``has_aux=True`` or
+      ``has_aux=False``), or that returns a dict (e.g. ``jax.grad(loss_fn)``
+      passed by mistake).
+    ValueError: a loss that is not a scalar; empty or unequally shaped
+      ``batches``;
+      rho not a finite number > 0; eta < 0.
 
   References:
     Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
@@ -159,7 +170,19 @@ def sam_sharpness(
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
   Returns:
-    :math:`L(w + \epsilon) - L(w)`, a float32 scalar.
+    :math:`L(w + \epsilon) - L(w)`, a float32 scalar; NaN when either loss
+    is NaN (or L(w) infinite).
+
+  Raises:
+    TypeError: params with a complex leaf (split it into real parts,
+      ``{'re': w.real, 'im': w.imag}``, rebuilt inside loss_fn) or an
+      integer leaf; loss_kwargs that is not a dict; a loss_fn whose output
+      disagrees with ``has_aux`` (the message names ``has_aux=True`` or
+      ``has_aux=False``), or that returns a dict (e.g. ``jax.grad(loss_fn)``
+      passed by mistake).
+    ValueError: a loss that is not a scalar; empty or unequally shaped
+      ``batches``;
+      rho not a finite number > 0; eta < 0.
 
   References:
     Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
@@ -286,7 +309,22 @@ def worst_case_sharpness(
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
   Returns:
-    A `WorstCaseSharpness` (sharpness, perturbation_norm, perturbation).
+    A `WorstCaseSharpness` (sharpness, perturbation_norm, perturbation);
+    every field NaN when L(w), or the loss at any point of the ascent, is
+    NaN (a NaN point is never "the best", so it would otherwise be skipped
+    and a plausible maximum of the others reported).
+
+  Raises:
+    TypeError: params with a complex leaf (split it into real parts,
+      ``{'re': w.real, 'im': w.imag}``, rebuilt inside loss_fn) or an
+      integer leaf; loss_kwargs that is not a dict; a loss_fn whose output
+      disagrees with ``has_aux`` (the message names ``has_aux=True`` or
+      ``has_aux=False``), or that returns a dict (e.g. ``jax.grad(loss_fn)``
+      passed by mistake).
+    ValueError: a loss that is not a scalar; empty or unequally shaped
+      ``batches``;
+      rho or step_size not a finite number > 0; norm not 'l2' or
+      'linf'; num_steps < 1; momentum outside (0, 1].
 
   References:
     Andriushchenko et al., `A Modern Look at the Relationship between
@@ -529,7 +567,19 @@ def average_case_sharpness(
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
   Returns:
-    An `AverageCaseSharpness` (sharpness, standard_error).
+    An `AverageCaseSharpness` (sharpness, standard_error); NaN when L(w)
+    or any perturbed loss is NaN.
+
+  Raises:
+    TypeError: params with a complex leaf (split it into real parts,
+      ``{'re': w.real, 'im': w.imag}``, rebuilt inside loss_fn) or an
+      integer leaf; loss_kwargs that is not a dict; a loss_fn whose output
+      disagrees with ``has_aux`` (the message names ``has_aux=True`` or
+      ``has_aux=False``), or that returns a dict (e.g. ``jax.grad(loss_fn)``
+      passed by mistake).
+    ValueError: a loss that is not a scalar; empty or unequally shaped
+      ``batches``;
+      sigma not a finite number > 0; num_samples < 1.
 
   References:
     Keskar et al., `On Large-Batch Training for Deep Learning
@@ -724,7 +774,22 @@ def m_sharpness(
 
   Returns:
     The mean over chunks of the per-chunk value, float32 (a scalar, or the
-    shape of the per-chunk value, e.g. (k,) for `hessian_eigenvalues`).
+    shape of the per-chunk value, e.g. (k,) for `hessian_eigenvalues`);
+    NaN when the measure is NaN on any chunk.
+
+  Raises:
+    TypeError: params with a complex leaf (split it into real parts,
+      ``{'re': w.real, 'im': w.imag}``, rebuilt inside loss_fn) or an
+      integer leaf; loss_kwargs that is not a dict; a loss_fn whose output
+      disagrees with ``has_aux`` (the message names ``has_aux=True`` or
+      ``has_aux=False``), or that returns a dict (e.g. ``jax.grad(loss_fn)``
+      passed by mistake).
+    TypeError: a measure whose result has no main field (e.g.
+      `hessian_spectral_density`); measure options named loss_kwargs,
+      batches, has_aux or key (pass those to m_sharpness itself).
+    ValueError: a loss that is not a scalar; empty or unequally shaped
+      ``batches``;
+      no batch to split; m not dividing the batch size.
 
   References:
     Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
