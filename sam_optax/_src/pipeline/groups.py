@@ -50,18 +50,24 @@ def _one_group(fn: GroupStep, group: Group):
           jax.tree.map(lambda x: jnp.expand_dims(x, 0), stacked))
 
 
-def whole(fn: GroupStep, batch: Batch, clean=None, sync=lambda g: g):
-  """``layout=None``: the whole batch is one group."""
-  grad_at = lambda w: batch.value_and_grad(w, batch.loss_kwargs)
+def _same(tree):
+  return tree
+
+
+def whole(fn: GroupStep, batch: Batch, clean=None, sync=_same):
+  """``layout=None``: the whole batch is one group.
+
+  ``sync`` averages every loss and gradient over the group's devices
+  (`PerDevice` with ``sync=True``), so the pieces see global values.
+  """
   return _one_group(fn, Group(
       clean_grad=batch.updates if clean is None else clean,
-      grad_at=grad_at,
-      loss_at=lambda w: batch.loss(w, batch.loss_kwargs),
-      ascent_grad_at=lambda w: (lambda l, g: (l, sync(g)))(*grad_at(w))))
+      grad_at=lambda w: sync(batch.value_and_grad(w, batch.loss_kwargs)),
+      loss_at=lambda w: sync(batch.loss(w, batch.loss_kwargs))))
 
 
 def chunked(fn: GroupStep, batch: Batch, chunks: layouts.Chunks, clean=None,
-            sync=lambda g: g):
+            sync=_same):
   """`Chunks`: one group per chunk, or (``shared``) one for all chunks."""
   split, mask, n = batching.split_into_chunks(
       batch.owner, batch.loss_kwargs, chunks.m, chunks.batch_argnames)
@@ -71,30 +77,34 @@ def chunked(fn: GroupStep, batch: Batch, chunks: layouts.Chunks, clean=None,
   if chunks.shared:
     def grad_at(w):
       (loss, grad), _ = mapped(lambda kw: (batch.value_and_grad(w, kw), None))
-      return loss, tree_math.tree_cast_like(grad, batch.params)
+      return sync((loss, tree_math.tree_cast_like(grad, batch.params)))
 
     return _one_group(fn, Group(
         clean_grad=batch.updates if clean is None else clean,
         grad_at=grad_at,
-        loss_at=lambda w: mapped(lambda kw: (batch.loss(w, kw), None))[0],
-        ascent_grad_at=lambda w: (lambda l, g: (l, sync(g)))(*grad_at(w))))
+        loss_at=lambda w: sync(mapped(lambda kw: (batch.loss(w, kw),
+                                                  None))[0])))
 
   def one_chunk(kw):
     grad_at = lambda w: batch.value_and_grad(w, kw)
     return fn(Group(clean_grad=grad_at(batch.params)[1], grad_at=grad_at,
-                    loss_at=lambda w: batch.loss(w, kw),
-                    ascent_grad_at=grad_at))
+                    loss_at=lambda w: batch.loss(w, kw)))
 
   return mapped(one_chunk)
 
 
 def per_device(fn: GroupStep, batch: Batch, layout: layouts.PerDevice):
-  """`PerDevice`: one group per device (or per chunk of each device)."""
+  """`PerDevice`: one group per device (or per chunk of each device).
+
+  With ``sync=True`` the group is the whole axis (or each of ``groups``):
+  the clean gradient and every later loss and gradient are averaged over
+  it, one all-reduce each, so a variant's pieces see the global values.
+  """
   tracked = _check_local(batch, layout)
   value_and_grad = batch.value_and_grad
   batch = batch._replace(value_and_grad=lambda w, kw: value_and_grad(
       _make_local(w, layout.axes, tracked), kw))
-  sync = (lambda g: sync_mean(g, layout)) if layout.sync else (lambda g: g)
+  sync = (lambda tree: sync_mean(tree, layout)) if layout.sync else _same
   clean = sync(batch.updates)
   if layout.chunks is None:
     return whole(fn, batch, clean, sync)
@@ -108,6 +118,13 @@ def map_groups(layout: layouts.Layout, fn: GroupStep, batch: Batch):
   if isinstance(layout, layouts.Chunks):
     return chunked(fn, batch, layout)
   return per_device(fn, batch, layout)
+
+
+def chunk_groups(layout: layouts.Layout) -> bool:
+  """Whether the groups are chunks, each with its own clean gradient."""
+  chunks = layout if isinstance(layout, layouts.Chunks) else getattr(
+      layout, 'chunks', None)
+  return chunks is not None and not chunks.shared
 
 
 def device_mean(layout: layouts.Layout, tree: PyTree) -> PyTree:
@@ -183,28 +200,15 @@ def _make_local(tree: PyTree, axes: tuple, tracked: bool) -> PyTree:
   return jax.tree.map(cast, tree)
 
 
-def reduce_step(layout: layouts.Layout, out: PyTree, diagnostics, means,
-                track_cosine: bool = True):
+def reduce_step(layout: layouts.Layout, out: PyTree, diagnostics, means):
   """Averages the step over devices: one all-reduce for `PerDevice`.
 
-  ``diagnostics`` are each group's ``(perturbed_loss, grad_norm, cosine,
-  dot)`` averaged over this device's groups, with ``dot = <g0, out>``;
-  returns ``(perturbed_loss, grad_norm, cosine)``. With ``sync=True`` the
-  group is the whole axis (or each of ``groups``), so its cosine is taken
-  with the group's averaged gradient -- the same number one device reports
-  for SAM on the same global batch (``dot`` is linear in the gradient and
-  rides in the same all-reduce; ``groups`` costs one more, in-group, mean).
+  ``diagnostics`` are each group's ``(perturbed_loss, grad_norm, cosine)``
+  averaged over this device's groups. With ``sync=True`` over the whole
+  axis every value is already global (replicated), so nothing is reduced;
+  with ``groups`` each group's values are averaged over the axis.
   """
-  perturbed_loss, grad_norm, cosine, dot = diagnostics
-  if not isinstance(layout, layouts.PerDevice):
-    return out, (perturbed_loss, grad_norm, cosine), means
-  cosine_of = lambda g: dot * tree_math.safe_inverse(
-      grad_norm * tree_math.tree_norm(g))
-  if layout.sync and layout.groups is not None:
-    out = sync_mean(out, layout)
-    cosine = cosine_of(out) if track_cosine else cosine
-  out, (perturbed_loss, grad_norm, cosine, dot), means = device_mean(
-      layout, (out, (perturbed_loss, grad_norm, cosine, dot), means))
-  if layout.sync and layout.groups is None and track_cosine:
-    cosine = cosine_of(out)
-  return out, (perturbed_loss, grad_norm, cosine), means
+  if not isinstance(layout, layouts.PerDevice) or (
+      layout.sync and layout.groups is None):
+    return out, diagnostics, means
+  return device_mean(layout, (out, diagnostics, means))

@@ -18,6 +18,7 @@ variant's hyperparameters, and builds ``init`` / ``update``::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import numbers
@@ -130,103 +131,150 @@ def _check_options(variant, loss_fn, ascent_steps, has_aux,
                                      minimum=1)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Step:
+  """One update's fixed inputs, shared by the pieces below."""
+
+  batch: groups.Batch
+  state: Any
+  hyperparams: dict
+  mask: Optional[PyTree]
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+  """A variant with its options: the pieces of one ``update``."""
+
+  variant: Variant
+  layout: layouts.Layout
+  ascent_steps: int
+  track_cosine: bool
+  perturbation_mask: Any
+  accepted: Optional[frozenset]
+  scalar_loss: Callable[..., jax.Array]
+
+  def context(self, step: _Step, group, decision, decided) -> Context:
+    return Context(clean_grad=group.clean_grad, params=step.batch.params,
+                   hyperparams=step.hyperparams, state=step.state,
+                   decision=decision, decided=decided, group=group,
+                   variant=self.variant, ascent_steps=self.ascent_steps,
+                   mask=step.mask)
+
+  def decide(self, step: _Step):
+    """The variant's decision, averaged over every group (or None)."""
+    variant, layout = self.variant, self.layout
+    if variant.decide is None:
+      return None, jnp.asarray(True)
+
+    def everywhere():
+      one = lambda g: (variant.decide(
+          self.context(step, g, None, jnp.asarray(True))), ())
+      mean, _ = groups.map_groups(layout, one, step.batch)
+      return groups.device_mean(layout, mean)
+
+    if variant.decides is None:
+      return everywhere(), jnp.asarray(True)
+    decided = jnp.asarray(variant.decides(step.state), bool)
+    shapes = jax.eval_shape(everywhere)
+    return jax.lax.cond(decided, everywhere, lambda: jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype), shapes)), decided
+
+  def base_at_zero_rho(self, step: _Step, base, out):
+    """At rho = 0 hand on ``base``, the base optimizer's gradient, exactly.
+
+    A static rho of 0 returns ``base``; a traced one selects (never blends).
+    A variant that never reads g0 hands on its own gradient at w + 0 there.
+    """
+    rho = _static_rho(self.variant.hyperparams['rho'])
+    if rho == 0.0:
+      return tree_math.tree_cast_like(base, out)
+    if rho is None and self.variant.uses_clean_grad:
+      return tree_math.tree_select(step.hyperparams['rho'] == 0,
+                                   tree_math.tree_cast_like(base, out), out)
+    return out
+
+  def group_step(self, step: _Step, decision, decided, group):
+    """Ascent, re-gradient and combine for one group, and its diagnostics."""
+    result = self.variant.combine(self.context(step, group, decision,
+                                               decided))
+    g0, out = group.clean_grad, result.gradient
+    if not groups.chunk_groups(self.layout):
+      # The group's g0 is the incoming gradient (averaged over the group's
+      # devices with sync=True): exactly what the base optimizer would get.
+      out = self.base_at_zero_rho(step, g0, out)
+    if self.variant.uses_clean_grad or self.track_cosine:
+      grad_norm = tree_math.tree_norm(g0)
+    else:  # g0 is not read at all: XLA can drop the caller's clean gradient
+      grad_norm = jnp.full([], jnp.nan, jnp.float32)
+    if self.track_cosine:  # keeps g0 alive to the end: +1 buffer, 2 passes
+      cosine = tree_math.safe_cosine(g0, out)
+    else:
+      cosine = jnp.full([], jnp.nan, jnp.float32)
+    agree = self.variant.agree
+    own = [(f, getattr(result.state, f)) for f in self.variant.state._fields[4:]]
+    means = tuple(v for f, v in own if agree[f] == 'mean')
+    others = tuple(v for f, v in own if agree[f] != 'mean')
+    diagnostics = (result.perturbed_loss, grad_norm, cosine)
+    return (out, diagnostics, means), others
+
+  def agreed_state(self, state, diagnostics, means, others):
+    """The new state: count + 1, float32 diagnostics, own fields agreed."""
+    means, others = iter(means), iter(others)
+    own = []
+    for f in self.variant.state._fields[4:]:
+      how = self.variant.agree[f]
+      if how == 'mean':
+        value = next(means)
+      else:
+        # 'same' values are equal in every group; their max is that value
+        # (a reduction, so it also works on chunks sharded over a mesh).
+        reduce = jnp.min if how == 'min' else jnp.max
+        value = jax.tree.map(lambda x: reduce(x, axis=0), next(others))
+        value = groups.device_reduce(self.layout, value, how)
+      # A field may be a pytree (e.g. a momentum like the params).
+      own.append(jax.tree.map(lambda v, s: v.astype(s.dtype), value,
+                              getattr(state, f)))
+    # The state's dtypes never follow the parameters' (float64 with x64).
+    diagnostics = [jnp.asarray(d, jnp.float32) for d in diagnostics]
+    return self.variant.state(optax.safe_increment(state.count),
+                              *diagnostics, *own)
+
+  def update(self, updates, state, params=None, **extra_args):
+    owner = self.variant.name
+    validation.check_params_given(owner, params)
+    validation.check_same_tree(owner, updates, params)
+    _check_real(owner, params)
+    loss_kwargs = {k: v for k, v in extra_args.items()
+                   if self.accepted is None or k in self.accepted}
+    mask = None if self.perturbation_mask is None else (
+        directions.resolve_mask(owner, 'perturbation_mask',
+                                self.perturbation_mask, params))
+    batch = groups.Batch(owner, updates, params, loss_kwargs,
+                         jax.value_and_grad(self.scalar_loss),
+                         self.scalar_loss)
+    step = _Step(batch, state, evaluate(self.variant, state.count), mask)
+    decision, decided = self.decide(step)
+    (out, diagnostics, means), others = groups.map_groups(
+        self.layout, functools.partial(self.group_step, step, decision,
+                                       decided), batch)
+    out = tree_math.tree_cast_like(out, updates)
+    if groups.chunk_groups(self.layout):
+      out = self.base_at_zero_rho(step, updates, out)
+    out, diagnostics, means = groups.reduce_step(
+        self.layout, out, diagnostics, means)
+    return out, self.agreed_state(state, diagnostics, means, others)
+
+
 def build(variant: Variant, loss_fn, *, ascent_steps: int = 1,
           has_aux: bool = False, perturbation_mask=None,
           layout: layouts.Layout = None, track_cosine: bool = False):
   """The `optax.GradientTransformationExtraArgs` that runs ``variant``."""
   ascent_steps = _check_options(variant, loss_fn, ascent_steps, has_aux,
                                 perturbation_mask, layout, track_cosine)
-  owner = variant.name
-  accepted = forwarded_names(loss_fn)
-  scalar_loss = validation.checked_scalar_loss(owner, loss_fn, has_aux)
-  value_and_grad = jax.value_and_grad(scalar_loss)
-  rho = _static_rho(variant.hyperparams['rho'])
-  own_fields = variant.state._fields[4:]
-
-  def init_fn(params):
-    return variant.init(params)
-
-  def context(batch, state, hp, mask, group, decision, decided):
-    return Context(clean_grad=group.clean_grad, params=batch.params,
-                   hyperparams=hp, state=state, decision=decision,
-                   decided=decided, group=group, variant=variant,
-                   ascent_steps=ascent_steps, mask=mask)
-
-  def decide(batch, state, hp, mask):
-    if variant.decide is None:
-      return None, jnp.asarray(True)
-
-    def everywhere():
-      one = lambda g: (variant.decide(
-          context(batch, state, hp, mask, g, None, jnp.asarray(True))), ())
-      return groups.device_mean(layout, groups.map_groups(layout, one,
-                                                          batch)[0])
-
-    if variant.decides is None:
-      return everywhere(), jnp.asarray(True)
-    decided = jnp.asarray(variant.decides(state), bool)
-    shapes = jax.eval_shape(everywhere)
-    return jax.lax.cond(decided, everywhere, lambda: jax.tree.map(
-        lambda s: jnp.zeros(s.shape, s.dtype), shapes)), decided
-
-  def group_step(batch, state, hp, mask, decision, decided, group):
-    step = variant.combine(
-        context(batch, state, hp, mask, group, decision, decided))
-    g0, out = group.clean_grad, step.gradient
-    grad_norm = tree_math.tree_norm(g0)
-    if track_cosine:  # keeps g0 alive to the end: one more buffer, 2 passes
-      dot = tree_math.tree_vdot(g0, out)
-      cosine = dot * tree_math.safe_inverse(
-          grad_norm * tree_math.tree_norm(out))
-    else:
-      dot = cosine = jnp.full([], jnp.nan, jnp.float32)
-    own = [getattr(step.state, f) for f in own_fields]
-    means = tuple(v for f, v in zip(own_fields, own)
-                  if variant.agree[f] == 'mean')
-    others = tuple(v for f, v in zip(own_fields, own)
-                   if variant.agree[f] != 'mean')
-    diagnostics = (step.perturbed_loss, grad_norm, cosine, dot)
-    return (out, diagnostics, means), others
-
-  def agreed_state(state, count, diagnostics, means, others):
-    means, others = iter(means), iter(others)
-    own = []
-    for f in own_fields:
-      how = variant.agree[f]
-      if how == 'mean':
-        value = next(means)
-      else:
-        # 'same' values are equal in every group; their max is that value
-        # (a reduction, so it also works on chunks sharded over a mesh).
-        value = (jnp.min if how == 'min' else jnp.max)(next(others), axis=0)
-        value = groups.device_reduce(layout, value, how)
-      own.append(value.astype(getattr(state, f).dtype))
-    # The state's dtypes never follow the parameters' (float64 with x64).
-    diagnostics = [jnp.asarray(d, jnp.float32) for d in diagnostics]
-    return variant.state(optax.safe_increment(count), *diagnostics, *own)
-
-  def update_fn(updates, state, params=None, **extra_args):
-    validation.check_params_given(owner, params)
-    validation.check_same_tree(owner, updates, params)
-    _check_real(owner, params)
-    loss_kwargs = {k: v for k, v in extra_args.items()
-                   if accepted is None or k in accepted}
-    hp = evaluate(variant, state.count)
-    mask = None if perturbation_mask is None else directions.resolve_mask(
-        owner, 'perturbation_mask', perturbation_mask, params)
-    batch = groups.Batch(owner, updates, params, loss_kwargs,
-                         value_and_grad, scalar_loss)
-    decision, decided = decide(batch, state, hp, mask)
-    (out, diagnostics, means), others = groups.map_groups(
-        layout, functools.partial(group_step, batch, state, hp, mask,
-                                  decision, decided), batch)
-    out = tree_math.tree_cast_like(out, updates)
-    if rho == 0.0:
-      out = updates
-    elif rho is None:  # rho = 0 is exactly the base optimizer: a select
-      out = tree_math.tree_select(hp['rho'] == 0, updates, out)
-    out, diagnostics, means = groups.reduce_step(layout, out, diagnostics,
-                                                 means, track_cosine)
-    return out, agreed_state(state, state.count, diagnostics, means, others)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  pipeline = Pipeline(
+      variant=variant, layout=layout, ascent_steps=ascent_steps,
+      track_cosine=track_cosine, perturbation_mask=perturbation_mask,
+      accepted=forwarded_names(loss_fn),
+      scalar_loss=validation.checked_scalar_loss(variant.name, loss_fn,
+                                                 has_aux))
+  return optax.GradientTransformationExtraArgs(variant.init, pipeline.update)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 
 from sam_optax._src.core import tree_math
 from sam_optax._src.core import validation
@@ -30,11 +29,9 @@ def _combine(minimize_fp: bool):
   """GSAM's combine: g1 - alpha g0_perp (or g0 + alpha g1_perp)."""
 
   def combine(ctx: variant_lib.Context) -> variant_lib.Step:
-    # The decomposition is not linear in g1, so it needs the group's own g1:
-    # averaged over the group's devices under PerDevice(sync=True) (one more
-    # all-reduce there; elsewhere ascent_grad_at is grad_at).
-    loss, perturbed = ctx.group.ascent_grad_at(ctx.shift(ctx.ascend()))
-    loss = jnp.asarray(loss, jnp.float32)
+    # The decomposition is not linear in g1, so it needs the group's own g1
+    # (under PerDevice(sync=True) the pipeline averages it over the group).
+    loss, perturbed = ctx.perturbed()
     alpha = ctx.hyperparams['alpha']
     clean = jax.tree.map(tree_math.wide, ctx.clean_grad)
     perturbed = jax.tree.map(tree_math.wide, perturbed)

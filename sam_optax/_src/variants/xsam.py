@@ -67,6 +67,26 @@ def _check_static_positive(owner: str, name: str, value: Any,
   return float(value)
 
 
+def _checked_grid(owner: str, alpha_max: Any, alpha_step: Any) -> np.ndarray:
+  """The probe's alpha grid from static, validated bounds."""
+  grid_shape = 'it fixes the size of the alpha grid, a shape in the state'
+  alpha_max = _check_static_positive(owner, 'alpha_max', alpha_max, grid_shape)
+  alpha_step = _check_static_positive(owner, 'alpha_step', alpha_step,
+                                      grid_shape)
+  if alpha_step > alpha_max:
+    raise ValueError(
+        f'{owner}: alpha_step ({alpha_step}) must not exceed alpha_max'
+        f' ({alpha_max}); the probe grid is 0, alpha_step, ..., alpha_max.'
+    )
+  grid = alpha_grid(alpha_max, alpha_step)
+  if grid.size > 10_000:
+    raise ValueError(
+        f'{owner}: alpha_max / alpha_step gives {grid.size} probe points, each'
+        ' a forward pass; use a coarser alpha_step (e.g. 0.1).'
+    )
+  return grid
+
+
 def _plane(displacement, perturbed_grad):
   """(v0, g_k in float32, ||g_k||, theta) of the spec's plane."""
   v0 = tree_math.tree_scale(
@@ -318,21 +338,7 @@ def xsam(
   """
   del loss_fn  # the pipeline takes it
   owner = 'xsam'
-  grid_shape = 'it fixes the size of the alpha grid, a shape in the state'
-  alpha_max = _check_static_positive(owner, 'alpha_max', alpha_max, grid_shape)
-  alpha_step = _check_static_positive(owner, 'alpha_step', alpha_step,
-                                      grid_shape)
-  if alpha_step > alpha_max:
-    raise ValueError(
-        f'{owner}: alpha_step ({alpha_step}) must not exceed alpha_max'
-        f' ({alpha_max}); the probe grid is 0, alpha_step, ..., alpha_max.'
-    )
-  grid = alpha_grid(alpha_max, alpha_step)
-  if grid.size > 10_000:
-    raise ValueError(
-        f'{owner}: alpha_max / alpha_step gives {grid.size} probe points, each'
-        ' a forward pass; use a coarser alpha_step (e.g. 0.1).'
-    )
+  grid = _checked_grid(owner, alpha_max, alpha_step)
   if probe_every is not None:
     probe_every = validation.check_static_int(
         owner, 'probe_every', probe_every, minimum=1
