@@ -349,6 +349,7 @@ def worst_case_sharpness(
       owner, loss_fn, params, loss_kwargs=loss_kwargs, batches=batches,
       has_aux=has_aux)
   rho = jnp.asarray(rho, jnp.float32)
+  ball = _Ball(norm, rho)
   scale = _scale(params, adaptive, eta)
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
 
@@ -362,14 +363,14 @@ def worst_case_sharpness(
   step = (2.0 * rho if step_size is None
           else jnp.asarray(step_size, jnp.float32))
   best_x, best_f, nan_seen = _apgd(
-      value_and_grad, start, _Ball(norm, rho), step,
+      value_and_grad, start, ball, step,
       jnp.asarray(momentum, jnp.float32), num_steps)
   gain = best_f - base_loss
   positive = gain > 0
   gamma = tree_math.tree_select(positive, best_x, zeros)
   result = WorstCaseSharpness(
       sharpness=jnp.where(positive, gain, 0.0),
-      perturbation_norm=_Ball(norm, rho).norm(gamma),
+      perturbation_norm=ball.norm(gamma),
       perturbation=_apply_scale(scale, gamma),
   )
   # A NaN loss anywhere on the ascent (or at w) has no maximum: NaN out.
