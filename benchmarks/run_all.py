@@ -33,6 +33,7 @@ BENCHMARKS = {
     'xsam_defaults': 'xsam_defaults.py',
     'crosscheck': 'crosscheck_family.py',
     'efficient': 'bench_efficient.py',
+    'family': 'bench_family.py',
 }
 
 
