@@ -58,15 +58,22 @@ from sam_optax._src.sharpness.perturbation import sam_sharpness
 from sam_optax._src.sharpness.perturbation import worst_case_sharpness
 from sam_optax._src.sharpness.plotting import plot_loss_landscape
 from sam_optax._src.sharpness.plotting import plot_spectral_density
+from sam_optax._src.sharpness.plotting import plot_trajectory
+from sam_optax._src.sharpness.trajectory import Interpolation
+from sam_optax._src.sharpness.trajectory import TrajectoryPCA
+from sam_optax._src.sharpness.trajectory import loss_interpolation
+from sam_optax._src.sharpness.trajectory import trajectory_pca
 
 __all__ = (
     'AverageCaseSharpness',
     'HessianEigenvalues',
     'HessianTopEigenvalue',
     'HessianTrace',
+    'Interpolation',
     'Landscape1D',
     'Landscape2D',
     'SpectralDensity',
+    'TrajectoryPCA',
     'WorstCaseSharpness',
     'average_case_sharpness',
     'filter_normalized_direction',
@@ -76,11 +83,14 @@ __all__ = (
     'hessian_top_eigenvalue',
     'hessian_trace',
     'hessian_vector_product',
+    'loss_interpolation',
     'loss_landscape_1d',
     'loss_landscape_2d',
     'm_sharpness',
     'plot_loss_landscape',
     'plot_spectral_density',
+    'plot_trajectory',
     'sam_sharpness',
+    'trajectory_pca',
     'worst_case_sharpness',
 )

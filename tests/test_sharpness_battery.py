@@ -163,6 +163,29 @@ def column_norms(w):
   return jnp.linalg.norm(jnp.asarray(w, jnp.float32), axis=0)
 
 
+TS = (-0.5, 0.0, 0.5, 1.0, 1.5)  # beyond [0, 1] on both sides
+RUN = (D1, D2, jax.tree.map(lambda a, b: 0.5 * a - 0.5 * b, D1, D2))
+
+
+def shifted(params, d):
+  return jax.tree.map(lambda p, x: (p.astype(jnp.float32) + x).astype(p.dtype),
+                      params, d)
+
+
+def ref_trajectory(z, kw):
+  """numpy SVD of [w_i - w_T], signs as documented, the 3 x 3 grid."""
+  diffs = np.stack([flat(d) for d in RUN] + [0 * z])
+  _, _, vt = np.linalg.svd(diffs[:-1], full_matrices=False)
+  d = vt[:2] * np.where(vt[:2] @ diffs[0] < 0, -1.0, 1.0)[:, None]
+  path = diffs @ d.T
+  axes = []
+  for c in path.T:
+    pad = 0.25 * (c.max() - c.min())
+    axes.append(np.linspace(c.min() - pad, c.max() + pad, 3))
+  return exact([[np_loss(z + a * d[0] + b * d[1], kw) for a in axes[0]]
+                for b in axes[1]])
+
+
 # --- the table ---------------------------------------------------------------
 
 
@@ -235,6 +258,17 @@ ROWS = {
         _measure(sharpness.loss_landscape_2d, directions=(D1, D2),
                  num_points=3),
         lambda out: out.losses, ref_landscape_2d),
+    'loss_interpolation': Row(
+        lambda f, p, kw, **extra: sharpness.loss_interpolation(
+            f, p, shifted(p, D1), ts=TS, loss_kwargs=kw, **extra),
+        lambda out: out.losses,
+        lambda z, kw: exact([np_loss((1 - t) * z + t * (z + flat(D1)), kw)
+                             for t in TS])),
+    'trajectory_pca': Row(
+        lambda f, p, kw, **extra: sharpness.trajectory_pca(
+            f, [shifted(p, d) for d in RUN] + [p], num_points=3,
+            loss_kwargs=kw, **extra),
+        lambda out: out.landscape.losses, ref_trajectory),
     'filter_normalized_direction': Row(
         lambda f, p, kw, **extra: sharpness.filter_normalized_direction(
             p, jax.random.key(0), **extra),
@@ -243,8 +277,10 @@ ROWS = {
         takes_loss=False),
 }
 # Not measurements: they draw the results above into PNG files
-# (tests/test_landscape.py::test_plots_write_png).
-NOT_IN_THE_BATTERY = {'plot_loss_landscape', 'plot_spectral_density'}
+# (tests/test_landscape.py::test_plots_write_png,
+# tests/test_trajectory.py::test_plot_trajectory_writes_png).
+NOT_IN_THE_BATTERY = {'plot_loss_landscape', 'plot_spectral_density',
+                      'plot_trajectory'}
 
 
 

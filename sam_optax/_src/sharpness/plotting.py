@@ -9,6 +9,7 @@ import numpy as np
 
 from sam_optax._src.sharpness import hessian
 from sam_optax._src.sharpness import landscape
+from sam_optax._src.sharpness import trajectory
 
 
 def _figure(ncols: int = 1):
@@ -176,5 +177,76 @@ def plot_spectral_density(
     axis.legend()
   if title:
     axis.set_title(title)
+  figure.savefig(os.fspath(path), dpi=110)
+  return os.fspath(path)
+
+
+def plot_trajectory(
+    trajectories: Union[trajectory.TrajectoryPCA, Mapping[str, Any]],
+    path: Union[str, os.PathLike],
+    *,
+    title: Optional[str] = None,
+    levels: int = 30,
+    log_scale: bool = False,
+) -> str:
+  """Writes a PNG of training paths over their PCA-plane loss contours.
+
+  One panel per label (a shared colour scale), each the filled contours of
+  the `TrajectoryPCA` landscape with the projected path drawn on top, from
+  its start (circle) to the final weights (star), the axes labelled with
+  the variance each direction explains, as in Li et al.'s Figure 9.
+
+  Examples:
+    >>> import os, tempfile, jax.numpy as jnp
+    >>> from sam_optax import sharpness
+    >>> run = [jnp.array([2., 1., 0.]), jnp.array([1., 1., 0.]),
+    ...        jnp.array([0.5, 0., 0.]), jnp.zeros(3)]
+    >>> out = sharpness.trajectory_pca(lambda w: jnp.sum(w ** 2), run,
+    ...                                num_points=9)
+    >>> path = os.path.join(tempfile.mkdtemp(), 'trajectory.png')
+    >>> sharpness.plot_trajectory({'sgd': out}, path) == path
+    True
+
+  Args:
+    trajectories: a `TrajectoryPCA`, or a dict label -> `TrajectoryPCA`.
+    path: where to write the PNG.
+    title: figure title.
+    levels: contour levels.
+    log_scale: plot log10 of the loss.
+
+  Returns:
+    ``path`` as a string.
+
+  References:
+    Li et al., `Visualizing the Loss Landscape of Neural Nets
+    <https://arxiv.org/abs/1712.09913>`_ (section 7), NeurIPS 2018.
+  """
+  items = _as_mapping(trajectories, trajectory.TrajectoryPCA)
+  transform = (lambda z: np.log10(np.maximum(z, 1e-12))) if log_scale else (
+      lambda z: z)
+  label = 'log10 loss' if log_scale else 'loss'
+  figure = _figure(len(items))
+  zs = {k: transform(np.asarray(v.landscape.losses)) for k, v in items.items()}
+  low = min(float(np.nanmin(z)) for z in zs.values())
+  high = max(float(np.nanmax(z)) for z in zs.values())
+  bounds = np.linspace(low, high if high > low else low + 1.0, levels)
+  axes = figure.subplots(1, len(items), squeeze=False)[0]
+  contour = None
+  for axis, (name, value) in zip(axes, items.items()):
+    grid = value.landscape
+    contour = axis.contourf(np.asarray(grid.alphas), np.asarray(grid.betas),
+                            zs[name], levels=bounds, cmap='viridis')
+    points = np.asarray(value.path)
+    axis.plot(points[:, 0], points[:, 1], 'w.-', linewidth=1)
+    axis.plot(points[:1, 0], points[:1, 1], 'wo')
+    axis.plot(points[-1:, 0], points[-1:, 1], 'r*', markersize=10)
+    ratio = np.asarray(value.explained_variance)
+    axis.set_xlabel(f'PC1 ({100 * ratio[0]:.1f}%)')
+    axis.set_ylabel(f'PC2 ({100 * ratio[1]:.1f}%)')
+    if name:
+      axis.set_title(name)
+  figure.colorbar(contour, ax=list(axes), label=label)
+  if title:
+    figure.suptitle(title)
   figure.savefig(os.fspath(path), dpi=110)
   return os.fspath(path)
