@@ -35,6 +35,8 @@ runs each through all of it):
   and the fix.
 """
 
+from sam_optax._src.sharpness.curvature import EmpiricalFisher
+from sam_optax._src.sharpness.curvature import GGN
 from sam_optax._src.sharpness.hessian import HessianEigenvalues
 from sam_optax._src.sharpness.hessian import HessianTopEigenvalue
 from sam_optax._src.sharpness.hessian import HessianTrace
@@ -66,6 +68,8 @@ from sam_optax._src.sharpness.trajectory import trajectory_pca
 
 __all__ = (
     'AverageCaseSharpness',
+    'EmpiricalFisher',
+    'GGN',
     'HessianEigenvalues',
     'HessianTopEigenvalue',
     'HessianTrace',

@@ -186,6 +186,28 @@ def ref_trajectory(z, kw):
                 for b in axes[1]])
 
 
+def apply_fn(params, x, **_):
+  return x @ params['w'] + params['b']
+
+
+def output_loss(pred, y, offset, **_):
+  weights = jnp.asarray(OUTPUT_WEIGHTS, jnp.float32)
+  return 0.5 * jnp.mean(jnp.sum(weights * (pred - y) ** 2, axis=1)) + offset
+
+
+def per_example_loss(params, x, y, offset):
+  weights = jnp.asarray(OUTPUT_WEIGHTS, jnp.float32)
+  return 0.5 * jnp.sum(weights * (apply_fn(params, x) - y) ** 2, 1) + offset
+
+
+def ref_fisher_trace(z, kw):
+  """tr F = mean_i |g_i|^2, g_i = phi_i (x) (weights * r_i)."""
+  phi = features(kw['x'])
+  residual = phi @ theta(z) - np.asarray(kw['y'], np.float64)
+  norms = np.sum(phi ** 2, 1) * np.sum((OUTPUT_WEIGHTS * residual) ** 2, 1)
+  return exact(np.mean(norms))
+
+
 # --- the table ---------------------------------------------------------------
 
 
@@ -243,6 +265,16 @@ ROWS = {
     'hessian_trace[hutch++]': Row(
         _measure(sharpness.hessian_trace, num_samples=12, method='hutch++'),
         lambda out: out.trace, lambda z, kw: ref_trace(kw, n=4)),
+    # curvature=: GGN = H here (a linear model), the Fisher by hand.
+    'hessian_eigenvalues[ggn]': Row(
+        _measure(sharpness.hessian_eigenvalues, k=2,
+                 curvature=sharpness.GGN(apply_fn, output_loss)),
+        lambda out: out.eigenvalues,
+        lambda z, kw: exact(np.linalg.eigvalsh(np_hessian(kw))[::-1][:2])),
+    'hessian_trace[fisher]': Row(
+        _measure(sharpness.hessian_trace, num_samples=24, method='hutch++',
+                 curvature=sharpness.EmpiricalFisher(per_example_loss)),
+        lambda out: out.trace, ref_fisher_trace),
     'hessian_spectral_density': Row(
         # With m = n Lanczos steps the quadrature nodes are the eigenvalues.
         _measure(sharpness.hessian_spectral_density, num_lanczos=8,

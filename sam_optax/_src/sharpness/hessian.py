@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from sam_optax._src.core import tree_math
 from sam_optax._src.core import validation
+from sam_optax._src.sharpness import curvature as curvature_lib
 from sam_optax._src.sharpness import objective as objective_lib
 
 PyTree = Any
@@ -26,25 +27,30 @@ Batches = Optional[Iterable[Mapping[str, Any]]]
 class _FlatOperator:
   """x -> H x on flat float32 vectors of length n."""
 
-  def __init__(self, obj: objective_lib.Objective, params: PyTree):
+  def __init__(self, obj: objective_lib.Objective, params: PyTree,
+               curvature: Any = None):
     wide = jax.tree.map(lambda p: p.astype(jnp.float32), params)
     flat, self.unravel = flatten_util.ravel_pytree(wide)
     self.size = int(flat.shape[0])
     self._obj = obj
     self._params = params
+    self._curvature = curvature
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    hv = self._obj.hvp(self._params, self.unravel(x))
+    hv = self._obj.curvature_product(self._params, self.unravel(x),
+                                     self._curvature)
     return flatten_util.ravel_pytree(
         jax.tree.map(lambda v: v.astype(jnp.float32), hv)
     )[0]
 
 
-def _operator(owner, loss_fn, params, loss_kwargs, batches, has_aux):
+def _operator(owner, loss_fn, params, loss_kwargs, batches, has_aux,
+              curvature='hessian'):
+  curvature = curvature_lib.check_curvature(owner, curvature)
   obj = objective_lib.Objective(
       owner, loss_fn, params, loss_kwargs=loss_kwargs, batches=batches,
       has_aux=has_aux)
-  op = _FlatOperator(obj, params)
+  op = _FlatOperator(obj, params, curvature)
   if op.size == 0:
     raise ValueError(f'{owner}: params has no entries; there is no Hessian.')
   return op
@@ -220,6 +226,7 @@ def hessian_top_eigenvalue(
     loss_kwargs: Optional[Mapping[str, Any]] = None,
     batches: Batches = None,
     has_aux: bool = False,
+    curvature: Any = 'hessian',
 ) -> HessianTopEigenvalue:
   r"""The dominant Hessian eigenvalue and its eigenvector, by power iteration.
 
@@ -270,6 +277,11 @@ def hessian_top_eigenvalue(
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``; a mismatch is a
       TypeError naming ``has_aux``.
 
+    curvature: the matrix C whose spectrum is measured: ``'hessian'``
+      (the default), `GGN` (``sharpness.GGN(apply_fn, output_loss)``,
+      :math:`J^\top H_{\text{out}} J`, PSD) or `EmpiricalFisher`
+      (``sharpness.EmpiricalFisher(per_example_loss)``); H below is then C;
+      anything else is a ValueError.
   Returns:
     A `HessianTopEigenvalue` (eigenvalue, eigenvector, num_iterations,
     converged).
@@ -294,7 +306,8 @@ def hessian_top_eigenvalue(
   num_iterations = validation.check_static_int(
       owner, 'num_iterations', num_iterations, 1)
   validation.check_number(owner, 'tolerance', tolerance)
-  op = _operator(owner, loss_fn, params, loss_kwargs, batches, has_aux)
+  op = _operator(owner, loss_fn, params, loss_kwargs, batches, has_aux,
+                 curvature)
   key = objective_lib.resolve_key(key)
   v0 = _unit(jax.random.normal(key, (op.size,), jnp.float32))
   v, eigenvalue, steps, converged = _power_iteration(
@@ -408,6 +421,7 @@ def hessian_eigenvalues(
     loss_kwargs: Optional[Mapping[str, Any]] = None,
     batches: Batches = None,
     has_aux: bool = False,
+    curvature: Any = 'hessian',
 ) -> HessianEigenvalues:
   r"""The k extreme Hessian eigenvalues by Lanczos with full reorthogonalization.
 
@@ -451,6 +465,11 @@ def hessian_eigenvalues(
     batches: an iterable of ``loss_kwargs`` dicts (the dataset loss).
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
+    curvature: the matrix C whose spectrum is measured: ``'hessian'``
+      (the default), `GGN` (``sharpness.GGN(apply_fn, output_loss)``,
+      :math:`J^\top H_{\text{out}} J`, PSD) or `EmpiricalFisher`
+      (``sharpness.EmpiricalFisher(per_example_loss)``); H below is then C;
+      anything else is a ValueError.
   Returns:
     A `HessianEigenvalues` (eigenvalues, eigenvectors, residuals).
 
@@ -479,7 +498,8 @@ def hessian_eigenvalues(
         f"{owner}: which must be 'largest', 'smallest' or 'magnitude', got"
         f' {which!r}.'
     )
-  op = _operator(owner, loss_fn, params, loss_kwargs, batches, has_aux)
+  op = _operator(owner, loss_fn, params, loss_kwargs, batches, has_aux,
+                 curvature)
   n = op.size
   if k > n:
     raise ValueError(
@@ -583,6 +603,7 @@ def hessian_trace(
     loss_kwargs: Optional[Mapping[str, Any]] = None,
     batches: Batches = None,
     has_aux: bool = False,
+    curvature: Any = 'hessian',
 ) -> HessianTrace:
   r"""The Hessian trace by Hutchinson's estimator or by Hutch++.
 
@@ -635,6 +656,11 @@ def hessian_trace(
     batches: an iterable of ``loss_kwargs`` dicts (the dataset loss).
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
+    curvature: the matrix C whose spectrum is measured: ``'hessian'``
+      (the default), `GGN` (``sharpness.GGN(apply_fn, output_loss)``,
+      :math:`J^\top H_{\text{out}} J`, PSD) or `EmpiricalFisher`
+      (``sharpness.EmpiricalFisher(per_example_loss)``); H below is then C;
+      anything else is a ValueError.
   Returns:
     A `HessianTrace` (trace, standard_error); NaN when L(w) or the Hessian
     is NaN.
@@ -670,7 +696,8 @@ def hessian_trace(
         f"{owner}: method='hutch++' needs num_samples >= 3 (a sketch, its"
         f' product and one probe), got {num_samples}; raise num_samples or'
         " use method='hutchinson'.")
-  op = _operator(owner, loss_fn, params, loss_kwargs, batches, has_aux)
+  op = _operator(owner, loss_fn, params, loss_kwargs, batches, has_aux,
+                 curvature)
   trace, error = estimate(op, objective_lib.resolve_key(key), num_samples)
   return HessianTrace(trace=trace, standard_error=error)
 
@@ -706,6 +733,7 @@ def hessian_spectral_density(
     loss_kwargs: Optional[Mapping[str, Any]] = None,
     batches: Batches = None,
     has_aux: bool = False,
+    curvature: Any = 'hessian',
 ) -> SpectralDensity:
   r"""The Hessian eigenvalue density by stochastic Lanczos quadrature.
 
@@ -750,6 +778,11 @@ def hessian_spectral_density(
     batches: an iterable of ``loss_kwargs`` dicts (the dataset loss).
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
+    curvature: the matrix C whose spectrum is measured: ``'hessian'``
+      (the default), `GGN` (``sharpness.GGN(apply_fn, output_loss)``,
+      :math:`J^\top H_{\text{out}} J`, PSD) or `EmpiricalFisher`
+      (``sharpness.EmpiricalFisher(per_example_loss)``); H below is then C;
+      anything else is a ValueError.
   Returns:
     A `SpectralDensity` (grid, density, nodes, weights); all NaN when L(w)
     or the Hessian is NaN.
@@ -777,7 +810,8 @@ def hessian_spectral_density(
   num_probes = validation.check_static_int(owner, 'num_probes', num_probes, 1)
   grid_size = validation.check_static_int(owner, 'grid_size', grid_size, 2)
   validation.check_number(owner, 'bandwidth', bandwidth, allow_zero=False)
-  op = _operator(owner, loss_fn, params, loss_kwargs, batches, has_aux)
+  op = _operator(owner, loss_fn, params, loss_kwargs, batches, has_aux,
+                 curvature)
   m = min(num_lanczos, op.size)
   key = objective_lib.resolve_key(key)
 

@@ -281,6 +281,19 @@ class Objective:
     loss, hv = self._mean(one)
     return nan_unless_finite(tree_math.tree_cast_like(hv, params), loss)
 
+  def curvature_product(self, params: PyTree, vector: PyTree,
+                        curvature: Any = None) -> PyTree:
+    """C(w) v for a curvature (None: the Hessian, `hvp`); NaN like `hvp`."""
+    if curvature is None:
+      return self.hvp(params, vector)
+    vector = tree_math.tree_cast_like(vector, params)
+
+    def one(kw):
+      return self.loss_on(params, kw), curvature.product(params, vector, kw)
+
+    loss, cv = self._mean(one)
+    return nan_unless_finite(tree_math.tree_cast_like(cv, params), loss)
+
 
 def check_inputs(owner: str, loss_fn: Any, params: PyTree, loss_kwargs: Any,
                  has_aux: Any) -> None:
