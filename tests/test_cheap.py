@@ -82,12 +82,12 @@ def check(tx, handed_on):
   return flags
 
 
-def looksam_reference(rho, k, alpha, per_tensor):
+def looksam_reference(rho, k, alpha, per_tensor, start=0):
   parts = [slice(0, 4), slice(4, 5)] if per_tensor else [slice(0, 5)]
   stored = {'g_v': np.zeros(5)}
 
   def handed_on(t, w, g0):
-    if t % k == 0:
+    if t >= start and (t - start) % k == 0:  # SAM at start, start + k, ...
       g1 = sam_grad(w, rho)
       for s in parts:  # g_v = g1 - |g1| cos(g0, g1) g0 / |g0|
         cos = unit(g0[s]) @ unit(g1[s])
@@ -107,6 +107,21 @@ def test_looksam_matches_its_equations(per_tensor):
   check(sam_optax.looksam(loss_fn, rho=0.3, k=3, alpha=0.7,
                           per_tensor=per_tensor),
         looksam_reference(0.3, 3, 0.7, per_tensor))
+
+
+def test_looksam_start_is_sgd_then_looksam():
+  # Steps 0-2: g_v = 0, so g0 exactly; SAM at 3, 5, 7; reuse at 4, 6.
+  flags = check(sam_optax.looksam(loss_fn, rho=0.3, k=2, alpha=0.7, start=3),
+                looksam_reference(0.3, 2, 0.7, False, start=3))
+  assert flags == [False] * 3 + [True, False] * 2 + [True]
+
+
+def test_looksam_default_start_is_a_fifth_of_total_steps():
+  # total_steps=15: start = floor(0.2 * 15) = 3; default k = 8 (one SAM step
+  # in 8 steps), so steps 4-7 reuse the g_v stored at step 3.
+  flags = check(sam_optax.looksam(loss_fn, rho=0.3, total_steps=15),
+                looksam_reference(0.3, 8, 0.7, False, start=3))
+  assert flags == [False] * 3 + [True] + [False] * 4
 
 
 def test_random_sam_coin_and_interval():

@@ -102,7 +102,8 @@ def test_every_variant_under_every_layout(variant, layout_name):
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
   # The diagnostics mean the same under every layout: the mean over the
   # perturbation groups of each group's own value.
-  for field in state._fields:
-    np.testing.assert_allclose(np.asarray(getattr(state, field)),
-                               np.asarray(getattr(want_state, field)),
-                               rtol=2e-4, atol=2e-5, err_msg=field)
+  for field in state._fields:  # a field may be a pytree (looksam's g_v)
+    for got, want in zip(jax.tree.leaves(getattr(state, field)),
+                         jax.tree.leaves(getattr(want_state, field))):
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want),
+                                 rtol=2e-4, atol=2e-5, err_msg=field)

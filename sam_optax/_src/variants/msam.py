@@ -10,7 +10,6 @@ import jax.numpy as jnp
 from sam_optax._src.pipeline import transformation
 from sam_optax._src.pipeline import variant as variant_lib
 from sam_optax._src.variants import bounds
-from sam_optax._src.variants import flat_state
 
 
 class MSAMState(NamedTuple):
@@ -24,8 +23,8 @@ class MSAMState(NamedTuple):
     cosine: cos(g0, g), NaN unless ``track_cosine=True``.
     sam_step: True on every step after the first (the perturbation is zero
       on the first step, where v = 0), a bool.
-    momentum: v, the EMA of the gradients handed on, one float32 vector
-      over all parameters (`jax.tree.leaves` order); zeros at init.
+    momentum: v, the EMA of the gradients handed on, a float32 tree like
+      the parameters; zeros at init.
   """
 
   count: jax.Array
@@ -40,12 +39,11 @@ def _combine(ctx: variant_lib.Context) -> variant_lib.Step:
   """g = grad L(w - rho v / |v|); v <- beta v + (1 - beta) g."""
   beta = ctx.hyperparams['beta']
   v = ctx.state.momentum
-  like = ctx.params
   # ascend(-v): rho (-v) / |v|, zero-safe, masked like every variant's.
-  eps = ctx.ascend(flat_state.unflatten(-v, like))
+  eps = ctx.ascend(jax.tree.map(jnp.negative, v))
   loss, grad = ctx.grad_at(ctx.shift(eps))
-  flat = flat_state.flatten(grad)
-  momentum = bounds.nan_unless(beta <= 1.0, beta * v + (1.0 - beta) * flat)
+  momentum = bounds.nan_unless(beta <= 1.0, jax.tree.map(
+      lambda m, g: beta * m + (1.0 - beta) * g.astype(jnp.float32), v, grad))
   grad = bounds.nan_unless(beta <= 1.0, grad)
   return variant_lib.Step(grad, loss, ctx.state._replace(
       sam_step=ctx.count > 0, momentum=momentum))
@@ -126,4 +124,5 @@ def msam(
       agree={'sam_step': 'same', 'momentum': 'mean'},
       init=lambda params: MSAMState(
           **variant_lib.initial_diagnostics(), sam_step=jnp.asarray(False),
-          momentum=flat_state.zeros(params)))
+          momentum=jax.tree.map(
+              lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)))
