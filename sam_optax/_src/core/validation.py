@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, Union
+from typing import Any, Callable, Mapping, Union
 
 import jax
 import jax.numpy as jnp
@@ -159,47 +159,70 @@ def check_same_tree(owner: str, updates: Any, params: Any) -> None:
       )
 
 
+def _describe(value: Any) -> str:
+  """What loss_fn returned, in words, for error messages."""
+  if isinstance(value, Mapping):
+    return f'a {type(value).__name__} with keys {sorted(map(str, value))}'
+  if isinstance(value, (tuple, list)):
+    return f'a {type(value).__name__} of length {len(value)}'
+  if hasattr(value, 'shape') and hasattr(value, 'dtype'):
+    return f'an array of shape {tuple(value.shape)} and dtype {value.dtype}'
+  return f'a {type(value).__name__}'
+
+
+def check_loss_output(owner: str, out: Any, has_aux: bool, *,
+                      fix: str) -> Any:
+  """The loss from loss_fn's output; a clear error for every wrong shape.
+
+  ``fix`` says how the caller sets has_aux, with ``{}`` for the value, e.g.
+  ``'pass has_aux={} to m_sharpness'`` for a helper (a function) or
+  ``'build sam with has_aux={}'`` for a transformation.
+  """
+  is_pair = isinstance(out, (tuple, list)) and len(out) == 2
+  if has_aux and not is_pair:
+    raise TypeError(
+        f'{owner}: has_aux=True, so loss_fn must return a pair (loss, aux),'
+        f' but it returned {_describe(out)}. {fix[:1].upper()}{fix[1:]}'
+        .format(False) + ' (the default) for a loss_fn that returns the loss'
+        ' alone, or return (loss, aux).'
+    )
+  if not has_aux and isinstance(out, (tuple, list)):
+    raise TypeError(
+        f'{owner}: loss_fn returned {_describe(out)}, not a scalar loss. If it'
+        f' returns (loss, aux), {fix.format(True)}.'
+    )
+  loss = out[0] if has_aux else out
+  if not (hasattr(loss, 'shape') and hasattr(loss, 'dtype')) and not (
+      isinstance(loss, (float, int)) and not isinstance(loss, bool)):
+    what = 'the first element of its pair is' if has_aux else 'it returned'
+    hint = (' (a gradient? pass the loss itself, not jax.grad(loss_fn))'
+            if isinstance(loss, Mapping) else '')
+    raise TypeError(
+        f'{owner}: loss_fn must return a scalar loss, or (loss, aux) with'
+        f' has_aux=True, but {what} {_describe(loss)}{hint}.'
+    )
+  loss = jnp.asarray(loss)
+  if loss.shape != ():
+    raise ValueError(
+        f'{owner}: loss_fn must return a scalar, but its loss has shape'
+        f' {loss.shape}. Reduce it to one number, e.g. `.mean()` over the'
+        ' batch (or, if this is a gradient, pass the loss itself).'
+    )
+  if not jnp.issubdtype(loss.dtype, jnp.floating):
+    raise TypeError(
+        f'{owner}: loss_fn must return a real floating-point scalar, got'
+        f' dtype {loss.dtype}.'
+    )
+  return loss
+
+
 def checked_scalar_loss(
     owner: str, loss_fn: Callable[..., Any], has_aux: bool
 ) -> Callable[..., jax.Array]:
   """Wraps loss_fn so that it returns a checked scalar (aux is dropped)."""
 
   def scalar_loss(params, loss_kwargs):
-    out = loss_fn(params, **loss_kwargs)
-    if has_aux:
-      if not (isinstance(out, (tuple, list)) and len(out) == 2):
-        raise TypeError(
-            f'{owner}: has_aux=True, so loss_fn must return a pair'
-            f' (loss, aux), but it returned {type(out).__name__}. Return'
-            ' (loss, aux) or construct the transformation with has_aux=False.'
-        )
-      loss = out[0]
-    else:
-      if isinstance(out, (tuple, list)):
-        raise TypeError(
-            f'{owner}: loss_fn returned a {type(out).__name__} of length'
-            f' {len(out)}, not a scalar. If it returns (loss, aux), construct'
-            ' the transformation with has_aux=True.'
-        )
-      loss = out
-    if not isinstance(loss, (jax.Array, np.ndarray, np.generic, float, int)):
-      raise TypeError(
-          f'{owner}: loss_fn must return a scalar loss, or (loss, aux) with'
-          f' has_aux=True, but it returned a {type(loss).__name__}'
-          f'{" (a gradient? pass the loss itself)" if isinstance(loss, dict) else ""}.'
-      )
-    loss = jnp.asarray(loss)
-    if loss.shape != ():
-      raise ValueError(
-          f'{owner}: loss_fn must return a scalar, but its loss has shape'
-          f' {loss.shape}. Reduce it to one number, e.g. `.mean()` over the'
-          ' batch.'
-      )
-    if not jnp.issubdtype(loss.dtype, jnp.floating):
-      raise TypeError(
-          f'{owner}: loss_fn must return a floating-point scalar, got dtype'
-          f' {loss.dtype}.'
-      )
-    return loss
+    return check_loss_output(owner, loss_fn(params, **loss_kwargs), has_aux,
+                             fix=f'build {owner} with has_aux={{}}')
 
   return scalar_loss

@@ -82,58 +82,10 @@ def stack_batches(owner: str, batches: Iterable[Mapping[str, Any]]):
   return stacked, len(batch_list)
 
 
-def _describe(value: Any) -> str:
-  """What loss_fn returned, in words, for error messages."""
-  if isinstance(value, Mapping):
-    return f'a {type(value).__name__} with keys {sorted(map(str, value))}'
-  if isinstance(value, (tuple, list)):
-    return f'a {type(value).__name__} of length {len(value)}'
-  if hasattr(value, 'shape') and hasattr(value, 'dtype'):
-    return f'an array of shape {tuple(value.shape)} and dtype {value.dtype}'
-  return f'a {type(value).__name__}'
-
-
 def check_loss_output(owner: str, out: Any, has_aux: bool) -> Any:
-  """The loss from loss_fn's output; a clear error for every wrong shape.
-
-  A helper is a function, so the fix is always an argument of that call
-  (``has_aux=...``) or the loss itself, never a constructor.
-  """
-  is_pair = isinstance(out, (tuple, list)) and len(out) == 2
-  if has_aux and not is_pair:
-    raise TypeError(
-        f'{owner}: has_aux=True, so loss_fn must return a pair (loss, aux),'
-        f' but it returned {_describe(out)}. Pass has_aux=False (the default)'
-        ' for a loss_fn that returns the loss alone, or return (loss, aux).'
-    )
-  if not has_aux and isinstance(out, (tuple, list)):
-    raise TypeError(
-        f'{owner}: loss_fn returned {_describe(out)}, not a scalar loss. If it'
-        f' returns (loss, aux), pass has_aux=True to {owner}.'
-    )
-  loss = out[0] if has_aux else out
-  if not (hasattr(loss, 'shape') and hasattr(loss, 'dtype')) and not (
-      isinstance(loss, (float, int)) and not isinstance(loss, bool)):
-    what = 'the first element of its pair is' if has_aux else 'it returned'
-    hint = (' (a gradient? pass the loss itself, not jax.grad(loss_fn))'
-            if isinstance(loss, Mapping) else '')
-    raise TypeError(
-        f'{owner}: loss_fn must return a scalar loss, or (loss, aux) with'
-        f' has_aux=True, but {what} {_describe(loss)}{hint}.'
-    )
-  loss = jnp.asarray(loss)
-  if loss.shape != ():
-    raise ValueError(
-        f'{owner}: loss_fn must return a scalar, but its loss has shape'
-        f' {loss.shape}. Reduce it to one number, e.g. `.mean()` over the'
-        ' batch (or, if this is a gradient, pass the loss itself).'
-    )
-  if not jnp.issubdtype(loss.dtype, jnp.floating):
-    raise TypeError(
-        f'{owner}: loss_fn must return a real floating-point scalar, got'
-        f' dtype {loss.dtype}.'
-    )
-  return loss
+  """The loss from loss_fn's output; a helper's fix is ``has_aux=`` of it."""
+  return validation.check_loss_output(
+      owner, out, has_aux, fix=f'pass has_aux={{}} to {owner}')
 
 
 def check_params(owner: str, params: PyTree, name: str = 'params') -> None:
