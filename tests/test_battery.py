@@ -204,7 +204,8 @@ def test_aux_is_dropped(variant):
   grads = jax.grad(loss_fn)(PARAMS, batch=BATCH)
   got, state = tx.update(grads, tx.init(PARAMS), PARAMS, batch=BATCH)
   want, _ = plain.update(grads, plain.init(PARAMS), PARAMS, batch=BATCH)
-  chex.assert_trees_all_equal(got, want)
+  # Two differently traced programs: equal up to rounding, not bitwise.
+  chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
   assert 'secret' not in str(jax.tree.structure(state))
 
 
