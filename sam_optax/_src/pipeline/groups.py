@@ -156,7 +156,8 @@ def sync_mean(tree: PyTree, layout: layouts.PerDevice) -> PyTree:
   return jax.lax.pmean(tree, layout.axis, axis_index_groups=layout.groups)
 
 
-def _varying_axes(x) -> frozenset:
+def varying_axes(x) -> frozenset:
+  """The shard_map axes ``x`` varies over (empty outside shard_map)."""
   try:
     aval = jax.typeof(x)
   except TypeError:  # a non-array keyword argument (e.g. a string)
@@ -175,9 +176,9 @@ def _check_local(batch: Batch, layout: layouts.PerDevice) -> bool:
   pipeline takes is taken at weights marked varying (`_make_local`).
   """
   axes = set(layout.axes)
-  tracked = any(axes & _varying_axes(x) for x in jax.tree.leaves(
+  tracked = any(axes & varying_axes(x) for x in jax.tree.leaves(
       (batch.updates, batch.loss_kwargs)))
-  if tracked and not any(axes <= _varying_axes(g)
+  if tracked and not any(axes <= varying_axes(g)
                          for g in jax.tree.leaves(batch.updates)):
     raise ValueError(
         f'{batch.owner}: with layout={layout!r} the incoming gradient must be'
@@ -194,7 +195,7 @@ def _make_local(tree: PyTree, axes: tuple, tracked: bool) -> PyTree:
     return tree
 
   def cast(x):
-    missing = tuple(a for a in axes if a not in _varying_axes(x))
+    missing = tuple(a for a in axes if a not in varying_axes(x))
     return jax.lax.pcast(x, missing, to='varying') if missing else x
 
   return jax.tree.map(cast, tree)

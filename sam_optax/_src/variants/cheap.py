@@ -31,11 +31,11 @@ def varying_like(tree: PyTree, ref: PyTree) -> PyTree:
   which axes a value varies over; a value read from the (replicated) state
   in one branch is cast to vary like the gradient of the other.
   """
-  axes = frozenset().union(*(groups._varying_axes(x)  # pylint: disable=protected-access
+  axes = frozenset().union(*(groups.varying_axes(x)
                              for x in jax.tree.leaves(ref)))
 
   def cast(x):
-    missing = tuple(a for a in axes if a not in groups._varying_axes(x))  # pylint: disable=protected-access
+    missing = tuple(a for a in axes if a not in groups.varying_axes(x))
     return jax.lax.pcast(x, missing, to='varying') if missing else x
 
   return jax.tree.map(cast, tree) if axes else tree
