@@ -260,8 +260,11 @@ def test_decoupled_wsam_reads_the_learning_rate_of_an_injected_base():
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
   assert isinstance(state, sam_optax.DecoupledWSAMState)
-  assert state.wsam.sharpness.dtype == jnp.float32
-  assert state.wsam.sharpness.shape == (sum(a.size for a in INIT.values()),)
+  # The sharpness part is a float32 tree like the parameters.
+  assert jax.tree.structure(state.wsam.sharpness) == jax.tree.structure(INIT)
+  for leaf, like in zip(jax.tree.leaves(state.wsam.sharpness),
+                        jax.tree.leaves(INIT)):
+    assert leaf.dtype == jnp.float32 and leaf.shape == np.shape(like)
 
 
 def test_wsam_options_are_clear_errors():

@@ -88,5 +88,12 @@ def tree_select(pred: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
   return jax.tree.map(lambda x, y: jnp.where(pred, x, y), on_true, on_false)
 
 
+def float32_zeros_like(a: PyTree) -> PyTree:
+  """Zeros of a's shapes in float32 (or wider): a state field like params."""
+  return jax.tree.map(
+      lambda x: jnp.zeros(jnp.shape(x), jnp.promote_types(x.dtype,
+                                                          jnp.float32)), a)
+
+
 def tree_cast_like(a: PyTree, like: PyTree) -> PyTree:
   return jax.tree.map(lambda x, y: x.astype(y.dtype), a, like)

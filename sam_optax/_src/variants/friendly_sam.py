@@ -7,10 +7,12 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from sam_optax._src.core import tree_math
 from sam_optax._src.pipeline import transformation
 from sam_optax._src.pipeline import variant as variant_lib
 from sam_optax._src.variants import bounds
-from sam_optax._src.variants import flat_state
+
+PyTree = Any
 
 
 class FriendlySAMState(NamedTuple):
@@ -22,10 +24,8 @@ class FriendlySAMState(NamedTuple):
     grad_norm: ||g0||, the norm of the last clean gradient, float32.
     cosine: cos(g0, g) between the clean gradient and the gradient handed
       on; NaN unless built with ``track_cosine=True``.
-    momentum: m, the exponential moving average of the clean gradients, as
-      one float32 vector over all parameters (the leaves of ``params`` in
-      `jax.tree.leaves` order, raveled and concatenated; zeros before the
-      first update). Under a layout it is the mean over the perturbation
+    momentum: m, the exponential moving average of the clean gradients, , a
+      float32 tree like ``params`` (zeros before the first update). Under a layout it is the mean over the perturbation
       groups, like the handed-on gradient.
   """
 
@@ -33,22 +33,24 @@ class FriendlySAMState(NamedTuple):
   perturbed_loss: jax.Array
   grad_norm: jax.Array
   cosine: jax.Array
-  momentum: jax.Array
+  momentum: PyTree
 
 
 def _combine(ctx: variant_lib.Context) -> variant_lib.Step:
   """d = g0 - sigma m (g0 on the first step); m <- lmbda m + (1-lmbda) g0."""
   sigma, lmbda = ctx.hyperparams['sigma'], ctx.hyperparams['lmbda']
   first = ctx.count == 0
-  clean = flat_state.flatten(ctx.clean_grad)
+  clean = jax.tree.map(tree_math.wide, ctx.clean_grad)
   previous = ctx.state.momentum
-  direction = jnp.where(first, clean, clean - sigma * previous)
-  momentum = jnp.where(first, clean,
-                       lmbda * previous + (1.0 - lmbda) * clean)
+  direction = jax.tree.map(lambda g, m: jnp.where(first, g, g - sigma * m),
+                           clean, previous)
+  momentum = jax.tree.map(
+      lambda g, m: jnp.where(first, g, lmbda * m + (1.0 - lmbda) * g),
+      clean, previous)
   # A bad traced sigma or lmbda must show on the first step too, where the
   # select above leaves them out.
   direction = bounds.nan_unless((lmbda <= 1.0) & (sigma == sigma), direction)
-  loss, grad = ctx.perturbed(flat_state.unflatten(direction, ctx.clean_grad))
+  loss, grad = ctx.perturbed(direction)
   return variant_lib.Step(grad, loss, ctx.state._replace(momentum=momentum))
 
 
@@ -101,7 +103,7 @@ def friendly_sam(
     ...   params = optax.apply_updates(params, updates)
     >>> print(params['w'])
     [ 1.1871... -0.2406... -0.0946...]
-    >>> print(state[0].momentum.shape)
+    >>> print(state[0].momentum['w'].shape)  # a float32 tree like params
     (3,)
 
   Args:
@@ -132,4 +134,4 @@ def friendly_sam(
       state=FriendlySAMState, combine=_combine, agree={'momentum': 'mean'},
       init=lambda params: FriendlySAMState(
           **variant_lib.initial_diagnostics(),
-          momentum=flat_state.zeros(params)))
+          momentum=tree_math.float32_zeros_like(params)))

@@ -7,10 +7,12 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from sam_optax._src.core import tree_math
 from sam_optax._src.pipeline import transformation
 from sam_optax._src.pipeline import variant as variant_lib
 from sam_optax._src.variants import bounds
-from sam_optax._src.variants import flat_state
+
+PyTree = Any
 
 
 class VaSSOState(NamedTuple):
@@ -23,9 +25,8 @@ class VaSSOState(NamedTuple):
     cosine: cos(g0, g) between the clean gradient and the gradient handed
       on; NaN unless built with ``track_cosine=True``.
     direction: d, the moving average of the clean gradients that the ascent
-      follows, as one float32 vector over all parameters (the leaves of
-      ``params`` in `jax.tree.leaves` order, raveled and concatenated; zeros
-      before the first update). Under a layout it is the mean over the
+      follows, , a float32 tree like ``params``
+      (zeros before the first update). Under a layout it is the mean over the
       perturbation groups, like the handed-on gradient.
   """
 
@@ -33,19 +34,19 @@ class VaSSOState(NamedTuple):
   perturbed_loss: jax.Array
   grad_norm: jax.Array
   cosine: jax.Array
-  direction: jax.Array
+  direction: PyTree
 
 
 def _combine(ctx: variant_lib.Context) -> variant_lib.Step:
   """d = (1 - theta) d + theta g0 (g0 on the first step); ascent along d."""
   theta = ctx.hyperparams['theta']
-  clean = flat_state.flatten(ctx.clean_grad)
-  previous = ctx.state.direction
-  direction = jnp.where(ctx.count == 0, clean,
-                        (1.0 - theta) * previous + theta * clean)
+  clean = jax.tree.map(tree_math.wide, ctx.clean_grad)
+  direction = jax.tree.map(
+      lambda g, d: jnp.where(ctx.count == 0, g, (1.0 - theta) * d + theta * g),
+      clean, ctx.state.direction)
   # A bad traced theta (NaN, > 1) must show on the first step too.
   ascent = bounds.nan_unless(theta <= 1.0, direction)
-  loss, grad = ctx.perturbed(flat_state.unflatten(ascent, ctx.clean_grad))
+  loss, grad = ctx.perturbed(ascent)
   return variant_lib.Step(grad, loss, ctx.state._replace(direction=direction))
 
 
@@ -119,4 +120,4 @@ def vasso(
       state=VaSSOState, combine=_combine, agree={'direction': 'mean'},
       init=lambda params: VaSSOState(
           **variant_lib.initial_diagnostics(),
-          direction=flat_state.zeros(params)))
+          direction=tree_math.float32_zeros_like(params)))

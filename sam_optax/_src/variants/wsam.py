@@ -14,10 +14,12 @@ from sam_optax._src.core import validation
 from sam_optax._src.pipeline import transformation
 from sam_optax._src.pipeline import variant as variant_lib
 from sam_optax._src.variants import bounds
-from sam_optax._src.variants import flat_state
 from sam_optax._src.variants import sam as sam_lib
 
 ScalarOrSchedule = variant_lib.ScalarOrSchedule
+
+
+PyTree = Any
 
 
 class WSAMState(NamedTuple):
@@ -31,17 +33,15 @@ class WSAMState(NamedTuple):
       the base optimizer (g0 itself, so 1 unless g0 = 0); NaN unless built
       with ``track_cosine=True``.
     sharpness: alpha (g1 - g0), the weighted sharpness gradient of the last
-      update that the decoupled step applies with the learning rate, as one
-      float32 vector over all parameters (the leaves of ``params`` in
-      `jax.tree.leaves` order, raveled and concatenated); zero where
-      rho = 0.
+      update that the decoupled step applies with the learning rate, a float32
+      tree like ``params``; zero where rho = 0.
   """
 
   count: jax.Array
   perturbed_loss: jax.Array
   grad_norm: jax.Array
   cosine: jax.Array
-  sharpness: jax.Array
+  sharpness: PyTree
 
 
 class DecoupledWSAMState(NamedTuple):
@@ -75,10 +75,9 @@ def _coupled(ctx: variant_lib.Context) -> variant_lib.Step:
 def _decoupled(ctx: variant_lib.Context) -> variant_lib.Step:
   """Hands on g0; keeps alpha (g1 - g0) (zero where rho = 0)."""
   loss, perturbed = ctx.perturbed()
-  difference = flat_state.flatten(tree_math.tree_sub(perturbed,
-                                                     ctx.clean_grad))
-  sharpness = jnp.where(ctx.hyperparams['rho'] == 0, 0.0,
-                        _alpha(ctx) * difference)
+  zero_rho, alpha = ctx.hyperparams['rho'] == 0, _alpha(ctx)
+  sharpness = jax.tree.map(lambda d: jnp.where(zero_rho, 0.0, alpha * d),
+                           tree_math.tree_sub(perturbed, ctx.clean_grad))
   return variant_lib.Step(ctx.clean_grad, loss,
                           ctx.state._replace(sharpness=sharpness))
 
@@ -98,7 +97,8 @@ def _sharpness_part(loss_fn, rho: ScalarOrSchedule, gamma: ScalarOrSchedule,
       name='wsam', hyperparams={'rho': rho, 'gamma': gamma},
       state=WSAMState, combine=_decoupled, agree={'sharpness': 'mean'},
       init=lambda params: WSAMState(**variant_lib.initial_diagnostics(),
-                                    sharpness=flat_state.zeros(params)))
+                                    sharpness=tree_math.float32_zeros_like(
+                                        params)))
 
 
 def _learning_rate(learning_rate, count, base_state):
@@ -134,9 +134,8 @@ def decoupled_step(sharpness_part, base_optimizer, learning_rate):
                                               **extra_args)
     out, base_state = base.update(clean, state.base, params, **extra_args)
     lr = _learning_rate(learning_rate, state.wsam.count, base_state)
-    sharpness = flat_state.unflatten(wsam_state.sharpness, out)
     out = jax.tree.map(lambda u, s: (tree_math.wide(u) - lr * s).astype(
-        u.dtype), out, sharpness)
+        u.dtype), out, wsam_state.sharpness)
     return out, DecoupledWSAMState(wsam_state, base_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
