@@ -103,7 +103,7 @@ def per_device(fn: GroupStep, batch: Batch, layout: layouts.PerDevice):
   tracked = _check_local(batch, layout)
   value_and_grad = batch.value_and_grad
   batch = batch._replace(value_and_grad=lambda w, kw: value_and_grad(
-      _make_local(w, layout.axes, tracked), kw))
+      make_local(w, layout.axes, tracked), kw))
   sync = (lambda tree: sync_mean(tree, layout)) if layout.sync else _same
   clean = sync(batch.updates)
   if layout.chunks is None:
@@ -173,7 +173,7 @@ def _check_local(batch: Batch, layout: layouts.PerDevice) -> bool:
 
   Then a gradient taken at replicated weights is summed over the devices,
   so the incoming gradient must vary over the axis, and every gradient the
-  pipeline takes is taken at weights marked varying (`_make_local`).
+  pipeline takes is taken at weights marked varying (`make_local`).
   """
   axes = set(layout.axes)
   tracked = any(axes & varying_axes(x) for x in jax.tree.leaves(
@@ -190,7 +190,8 @@ def _check_local(batch: Batch, layout: layouts.PerDevice) -> bool:
   return tracked
 
 
-def _make_local(tree: PyTree, axes: tuple, tracked: bool) -> PyTree:
+def make_local(tree: PyTree, axes: tuple, tracked: bool) -> PyTree:
+  """``tree`` marked device-varying over ``axes`` (when ``tracked``)."""
   if not tracked:
     return tree
 

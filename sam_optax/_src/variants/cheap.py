@@ -33,12 +33,7 @@ def varying_like(tree: PyTree, ref: PyTree) -> PyTree:
   """
   axes = frozenset().union(*(groups.varying_axes(x)
                              for x in jax.tree.leaves(ref)))
-
-  def cast(x):
-    missing = tuple(a for a in axes if a not in groups.varying_axes(x))
-    return jax.lax.pcast(x, missing, to='varying') if missing else x
-
-  return jax.tree.map(cast, tree) if axes else tree
+  return groups.make_local(tree, tuple(axes), bool(axes))
 
 
 def sam_or(ctx: variant_lib.Context, sam_step: jax.Array,
