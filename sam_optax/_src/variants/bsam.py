@@ -8,8 +8,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sam_optax._src.core import batching
+from sam_optax._src.core import mesh as mesh_lib
 from sam_optax._src.core import tree_math
 from sam_optax._src.core import validation
+from sam_optax._src.pipeline import groups
+from sam_optax._src.pipeline import layouts
 from sam_optax._src.pipeline import transformation
 from sam_optax._src.variants import bounds
 
@@ -70,18 +74,130 @@ def _check(num_data, learning_rate, rho, betas, prior_prec, damping, s_init):
   validation.check_number(_OWNER, 's_init', s_init, allow_zero=False)
 
 
-def _gradients(scalar_loss, params, state, num_data, rho, loss_kwargs):
-  """(L(w + rho g / s), g_eps, g) with g taken at a noisy sample."""
-  key = jax.random.wrap_key_data(state.key)
-  noise = noise_like(jax.random.split(key)[1], params)
+class _Examples(NamedTuple):
+  """What one perturbation sees: the gradient on its examples at a point."""
+
+  grad: Callable[[PyTree], PyTree]
+  value_and_grad: Callable[[PyTree], tuple[jax.Array, PyTree]]
+
+
+def _on(scalar_loss, loss_kwargs, local) -> _Examples:
+  """The loss on ``loss_kwargs``, differentiated at ``local(w)``."""
+  return _Examples(
+      grad=lambda w: jax.grad(scalar_loss)(local(w), loss_kwargs),
+      value_and_grad=lambda w: jax.value_and_grad(scalar_loss)(
+          local(w), loss_kwargs))
+
+
+def _accumulated(scalar_loss, loss_kwargs, chunks, local) -> _Examples:
+  """``Chunks(m, shared=True)``: the mean over the chunks, one at a time."""
+  split, mask, n = batching.split_into_chunks(
+      _OWNER, loss_kwargs, chunks.m, chunks.batch_argnames)
+
+  def mean(f):
+    return batching.over_chunks(lambda kw: (f(kw), None), split, mask, n,
+                                chunks.mode)[0]
+
+  return _Examples(
+      grad=lambda w: mean(lambda kw: jax.grad(scalar_loss)(local(w), kw)),
+      value_and_grad=lambda w: mean(lambda kw: jax.value_and_grad(
+          scalar_loss)(local(w), kw)))
+
+
+def _group_step(params, precision, num_data, rho, sync, key, examples):
+  """One perturbation: its noise, g, the ascent and g_eps.
+
+  Returns ``(L(w + rho g / s), g_eps, sqrt(s g^2), ||g||)``: what the
+  weights' and the precision's updates consume, averaged over groups.
+  """
+  noise = noise_like(key, params)
   noisy = jax.tree.map(
       lambda w, n, s: (w + jnp.sqrt(1.0 / (num_data * s)) * n).astype(
-          w.dtype), params, noise, state.precision)
-  grad = jax.grad(scalar_loss)(noisy, loss_kwargs)
+          w.dtype), params, noise, precision)
+  grad = sync(examples.grad(noisy))
   perturbed = jax.tree.map(lambda w, g, s: (w + rho * g / s).astype(w.dtype),
-                           params, grad, state.precision)
-  loss, grad_eps = jax.value_and_grad(scalar_loss)(perturbed, loss_kwargs)
-  return loss, grad_eps, grad
+                           params, grad, precision)
+  loss, grad_eps = examples.value_and_grad(perturbed)
+  scaled = jax.tree.map(
+      lambda s, g: jnp.sqrt(s * jnp.square(g.astype(jnp.float32))),
+      precision, grad)
+  return loss, grad_eps, scaled, tree_math.tree_norm(grad)
+
+
+def _same(tree):
+  return tree
+
+
+def _device_key(key, layout: layouts.PerDevice):
+  """The key of this device's perturbation: its own, or its sync group's."""
+  try:
+    index = jax.lax.axis_index(layout.axis)
+  except NameError as error:
+    raise ValueError(
+        f'{_OWNER}: layout={layout!r} runs inside jax.pmap / jax.shard_map'
+        f' over axis {layout.axis!r}, but no such axis is bound here. Call'
+        ' update inside pmap(..., axis_name=...) / shard_map, or use'
+        ' layout=None or sam_optax.Chunks(m) on one device.') from error
+  if not layout.sync:
+    return jax.random.fold_in(key, index)
+  if layout.groups is None:
+    return key  # one perturbation for the whole axis
+  group_of = [0] * sum(len(g) for g in layout.groups)
+  for number, group in enumerate(layout.groups):
+    for device in group:
+      group_of[device] = number
+  return jax.random.fold_in(key, jnp.asarray(group_of, jnp.int32)[index])
+
+
+def _over_groups(scalar_loss, layout, loss_kwargs, params, precision,
+                 num_data, rho, key):
+  """The group step over ``layout``'s groups, averaged over every group.
+
+  The groups are those of the SAM pipeline (`groups.map_groups`): the batch,
+  each chunk, each device (or each chunk of each device); only their noise
+  keys are bSAM's own. Chunk i's key is ``fold_in(key, i)``, device d's
+  ``fold_in(key, d)`` (its chunks fold again).
+  """
+  sync, local, chunks = _same, _same, layout
+  if isinstance(layout, layouts.PerDevice):
+    axes, chunks = layout.axes, layout.chunks
+    key = _device_key(key, layout)
+    # shard_map with check_vma: a gradient at replicated weights is summed
+    # over the devices; take every gradient at weights marked varying.
+    tracked = any(set(axes) & groups.varying_axes(x)
+                  for x in jax.tree.leaves(loss_kwargs))
+    local = lambda w: groups.make_local(w, axes, tracked)
+    if layout.sync:
+      sync = lambda tree: groups.sync_mean(tree, layout)
+  if chunks is not None and isinstance(chunks.mode, mesh_lib.MeshChunks):
+    params, precision = chunks.mode.replicate((params, precision))
+  step = lambda k, examples: _group_step(params, precision, num_data, rho,
+                                         sync, k, examples)
+  if chunks is None:
+    result = step(key, _on(scalar_loss, loss_kwargs, local))
+  elif chunks.shared:
+    result = step(key, _accumulated(scalar_loss, loss_kwargs, chunks, local))
+  else:
+    split, mask, n = batching.split_into_chunks(
+        _OWNER, loss_kwargs, chunks.m, chunks.batch_argnames)
+    keys = jax.random.key_data(jax.vmap(
+        lambda i: jax.random.fold_in(key, i))(jnp.arange(n)))
+
+    def one_chunk(chunk):
+      examples = _on(scalar_loss, chunk['kwargs'], local)
+      return step(jax.random.wrap_key_data(chunk['key']), examples), None
+
+    result, _ = batching.over_chunks(
+        one_chunk, {'kwargs': split, 'key': keys},
+        {'kwargs': mask, 'key': True}, n, chunks.mode)
+  if not isinstance(layout, layouts.PerDevice):
+    return result
+  loss, grad_eps, scaled, grad_norm = result
+  if layout.sync and layout.groups is None:
+    # g is the axis' own already: so are sqrt(s g^2) and ||g||.
+    loss, grad_eps = groups.device_mean(layout, (loss, grad_eps))
+    return loss, grad_eps, scaled, grad_norm
+  return groups.device_mean(layout, result)  # one all-reduce
 
 
 def bsam(
@@ -96,6 +212,7 @@ def bsam(
     *,
     seed: int = 0,
     has_aux: bool = False,
+    layout: layouts.Layout = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Bayesian SAM: SAM as a variational (Gaussian) posterior's optimizer.
 
@@ -178,6 +295,7 @@ def bsam(
   validation.check_loss_fn(_OWNER, loss_fn)
   _check(num_data, learning_rate, rho, betas, prior_prec, damping, s_init)
   validation.check_bool(_OWNER, 'has_aux', has_aux)
+  layout = layouts.check_layout(_OWNER, layout)
   scalar_loss = validation.checked_scalar_loss(_OWNER, loss_fn, has_aux)
   accepted = transformation.forwarded_names(loss_fn)
   beta1, beta2 = (float(b) for b in betas)
@@ -198,8 +316,10 @@ def bsam(
     ok = (lr >= 0) & (r >= 0)
     loss_kwargs = {k: v for k, v in extra_args.items()
                    if accepted is None or k in accepted}
-    loss, grad_eps, grad = _gradients(scalar_loss, params, state,
-                                      float(num_data), r, loss_kwargs)
+    key, sub = jax.random.split(jax.random.wrap_key_data(state.key))
+    loss, grad_eps, scaled, grad_norm = _over_groups(
+        scalar_loss, layout, loss_kwargs, params, state.precision,
+        float(num_data), r, sub)
     s = state.precision
     momentum = jax.tree.map(
         lambda m, ge, w: beta1 * m + (1 - beta1) * (
@@ -208,11 +328,8 @@ def bsam(
     out = jax.tree.map(lambda m, si, u: jnp.where(ok, -lr * m / si, jnp.nan)
                        .astype(u.dtype), momentum, s, updates)
     precision = jax.tree.map(
-        lambda si, g: beta2 * si + (1 - beta2) * (
-            jnp.sqrt(si * jnp.square(g.astype(jnp.float32))) + damping
-            + delta), s, grad)
-    key = jax.random.split(jax.random.wrap_key_data(state.key))[0]
-    grad_norm = tree_math.tree_norm(grad)
+        lambda si, gs: beta2 * si + (1 - beta2) * (gs + damping + delta),
+        s, scaled)
     return out, BSAMState(
         count=optax.safe_increment(state.count),
         perturbed_loss=jnp.asarray(loss, jnp.float32), grad_norm=grad_norm,
