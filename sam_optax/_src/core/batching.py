@@ -122,7 +122,7 @@ def check_mode(owner: str, mode: Any) -> ChunkMode:
   )
 
 
-def _like_varying(x: jax.Array, like: jax.ShapeDtypeStruct) -> jax.Array:
+def like_varying(x: jax.Array, like: jax.ShapeDtypeStruct) -> jax.Array:
   """x, marked device-varying over the shard_map axes that ``like`` varies on.
 
   A `jax.lax.scan` inside `jax.shard_map` needs its initial carry typed like
@@ -171,7 +171,7 @@ def over_chunks(
 
     shapes = jax.eval_shape(lambda: fn(rebuild([x[0] for x in xs])))
     zeros = jax.tree.map(
-        lambda s: _like_varying(
+        lambda s: like_varying(
             jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)), s),
         shapes[0],
     )

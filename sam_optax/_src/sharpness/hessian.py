@@ -45,11 +45,11 @@ class _FlatOperator:
 
 
 def _operator(owner, loss_fn, params, loss_kwargs, batches, has_aux,
-              curvature='hessian'):
+              curvature='hessian', layout=None):
   curvature = curvature_lib.check_curvature(owner, curvature)
   obj = objective_lib.Objective(
       owner, loss_fn, params, loss_kwargs=loss_kwargs, batches=batches,
-      has_aux=has_aux)
+      has_aux=has_aux, layout=layout)
   op = _FlatOperator(obj, params, curvature)
   if op.size == 0:
     raise ValueError(f'{owner}: params has no entries; there is no Hessian.')
@@ -68,6 +68,7 @@ def hessian_vector_product(
     loss_kwargs: Optional[Mapping[str, Any]] = None,
     batches: Batches = None,
     has_aux: bool = False,
+    layout: Any = None,
 ) -> PyTree:
   r"""The Hessian-vector product :math:`H(w)\,v`, without forming H.
 
@@ -96,6 +97,12 @@ def hessian_vector_product(
     batches: an iterable of ``loss_kwargs`` dicts (the dataset loss).
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
+    layout: where the batch lies: ``None`` (on this device), or
+      ``sam_optax.PerDevice(axis)`` inside `jax.pmap` / `jax.shard_map` with
+      the batch sharded over ``axis`` (the measurement is that of the global
+      batch, identical on every device: one all-reduce per loss, gradient
+      or curvature product), or ``sam_optax.Chunks(m, shared=True)`` (the
+      batch accumulated over chunks of m examples, memory of one chunk).
   Returns:
     :math:`H v`, a pytree like params; NaN when L(w) is NaN or infinite.
 
@@ -118,7 +125,7 @@ def hessian_vector_product(
   owner = 'hessian_vector_product'
   obj = objective_lib.Objective(
       owner, loss_fn, params, loss_kwargs=loss_kwargs, batches=batches,
-      has_aux=has_aux)
+      has_aux=has_aux, layout=layout)
   objective_lib.check_params(owner, vector, 'vector')
   if jax.tree.structure(vector) != jax.tree.structure(params):
     raise ValueError(
@@ -226,6 +233,7 @@ def hessian_top_eigenvalue(
     loss_kwargs: Optional[Mapping[str, Any]] = None,
     batches: Batches = None,
     has_aux: bool = False,
+    layout: Any = None,
     curvature: Any = 'hessian',
 ) -> HessianTopEigenvalue:
   r"""The dominant Hessian eigenvalue and its eigenvector, by power iteration.
@@ -282,6 +290,12 @@ def hessian_top_eigenvalue(
       :math:`J^\top H_{\text{out}} J`, PSD) or `EmpiricalFisher`
       (``sharpness.EmpiricalFisher(per_example_loss)``); H below is then C;
       anything else is a ValueError.
+    layout: where the batch lies: ``None`` (on this device), or
+      ``sam_optax.PerDevice(axis)`` inside `jax.pmap` / `jax.shard_map` with
+      the batch sharded over ``axis`` (the measurement is that of the global
+      batch, identical on every device: one all-reduce per loss, gradient
+      or curvature product), or ``sam_optax.Chunks(m, shared=True)`` (the
+      batch accumulated over chunks of m examples, memory of one chunk).
   Returns:
     A `HessianTopEigenvalue` (eigenvalue, eigenvector, num_iterations,
     converged).
@@ -307,7 +321,7 @@ def hessian_top_eigenvalue(
       owner, 'num_iterations', num_iterations, 1)
   validation.check_number(owner, 'tolerance', tolerance)
   op = _operator(owner, loss_fn, params, loss_kwargs, batches, has_aux,
-                 curvature)
+                 curvature, layout)
   key = objective_lib.resolve_key(key)
   v0 = _unit(jax.random.normal(key, (op.size,), jnp.float32))
   v, eigenvalue, steps, converged = _power_iteration(
@@ -421,6 +435,7 @@ def hessian_eigenvalues(
     loss_kwargs: Optional[Mapping[str, Any]] = None,
     batches: Batches = None,
     has_aux: bool = False,
+    layout: Any = None,
     curvature: Any = 'hessian',
 ) -> HessianEigenvalues:
   r"""The k extreme Hessian eigenvalues by Lanczos with full reorthogonalization.
@@ -470,6 +485,12 @@ def hessian_eigenvalues(
       :math:`J^\top H_{\text{out}} J`, PSD) or `EmpiricalFisher`
       (``sharpness.EmpiricalFisher(per_example_loss)``); H below is then C;
       anything else is a ValueError.
+    layout: where the batch lies: ``None`` (on this device), or
+      ``sam_optax.PerDevice(axis)`` inside `jax.pmap` / `jax.shard_map` with
+      the batch sharded over ``axis`` (the measurement is that of the global
+      batch, identical on every device: one all-reduce per loss, gradient
+      or curvature product), or ``sam_optax.Chunks(m, shared=True)`` (the
+      batch accumulated over chunks of m examples, memory of one chunk).
   Returns:
     A `HessianEigenvalues` (eigenvalues, eigenvectors, residuals).
 
@@ -499,7 +520,7 @@ def hessian_eigenvalues(
         f' {which!r}.'
     )
   op = _operator(owner, loss_fn, params, loss_kwargs, batches, has_aux,
-                 curvature)
+                 curvature, layout)
   n = op.size
   if k > n:
     raise ValueError(
@@ -603,6 +624,7 @@ def hessian_trace(
     loss_kwargs: Optional[Mapping[str, Any]] = None,
     batches: Batches = None,
     has_aux: bool = False,
+    layout: Any = None,
     curvature: Any = 'hessian',
 ) -> HessianTrace:
   r"""The Hessian trace by Hutchinson's estimator or by Hutch++.
@@ -661,6 +683,12 @@ def hessian_trace(
       :math:`J^\top H_{\text{out}} J`, PSD) or `EmpiricalFisher`
       (``sharpness.EmpiricalFisher(per_example_loss)``); H below is then C;
       anything else is a ValueError.
+    layout: where the batch lies: ``None`` (on this device), or
+      ``sam_optax.PerDevice(axis)`` inside `jax.pmap` / `jax.shard_map` with
+      the batch sharded over ``axis`` (the measurement is that of the global
+      batch, identical on every device: one all-reduce per loss, gradient
+      or curvature product), or ``sam_optax.Chunks(m, shared=True)`` (the
+      batch accumulated over chunks of m examples, memory of one chunk).
   Returns:
     A `HessianTrace` (trace, standard_error); NaN when L(w) or the Hessian
     is NaN.
@@ -697,7 +725,7 @@ def hessian_trace(
         f' product and one probe), got {num_samples}; raise num_samples or'
         " use method='hutchinson'.")
   op = _operator(owner, loss_fn, params, loss_kwargs, batches, has_aux,
-                 curvature)
+                 curvature, layout)
   trace, error = estimate(op, objective_lib.resolve_key(key), num_samples)
   return HessianTrace(trace=trace, standard_error=error)
 
@@ -733,6 +761,7 @@ def hessian_spectral_density(
     loss_kwargs: Optional[Mapping[str, Any]] = None,
     batches: Batches = None,
     has_aux: bool = False,
+    layout: Any = None,
     curvature: Any = 'hessian',
 ) -> SpectralDensity:
   r"""The Hessian eigenvalue density by stochastic Lanczos quadrature.
@@ -783,6 +812,12 @@ def hessian_spectral_density(
       :math:`J^\top H_{\text{out}} J`, PSD) or `EmpiricalFisher`
       (``sharpness.EmpiricalFisher(per_example_loss)``); H below is then C;
       anything else is a ValueError.
+    layout: where the batch lies: ``None`` (on this device), or
+      ``sam_optax.PerDevice(axis)`` inside `jax.pmap` / `jax.shard_map` with
+      the batch sharded over ``axis`` (the measurement is that of the global
+      batch, identical on every device: one all-reduce per loss, gradient
+      or curvature product), or ``sam_optax.Chunks(m, shared=True)`` (the
+      batch accumulated over chunks of m examples, memory of one chunk).
   Returns:
     A `SpectralDensity` (grid, density, nodes, weights); all NaN when L(w)
     or the Hessian is NaN.
@@ -811,7 +846,7 @@ def hessian_spectral_density(
   grid_size = validation.check_static_int(owner, 'grid_size', grid_size, 2)
   validation.check_number(owner, 'bandwidth', bandwidth, allow_zero=False)
   op = _operator(owner, loss_fn, params, loss_kwargs, batches, has_aux,
-                 curvature)
+                 curvature, layout)
   m = min(num_lanczos, op.size)
   key = objective_lib.resolve_key(key)
 

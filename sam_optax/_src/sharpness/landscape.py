@@ -165,6 +165,7 @@ def loss_landscape_1d(
     loss_kwargs: Optional[Mapping[str, Any]] = None,
     batches: Batches = None,
     has_aux: bool = False,
+    layout: Any = None,
 ) -> Landscape1D:
   r"""The loss along a line through w: a random direction or towards w'.
 
@@ -206,6 +207,12 @@ def loss_landscape_1d(
     batches: an iterable of ``loss_kwargs`` dicts (the dataset loss).
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
+    layout: where the batch lies: ``None`` (on this device), or
+      ``sam_optax.PerDevice(axis)`` inside `jax.pmap` / `jax.shard_map` with
+      the batch sharded over ``axis`` (the measurement is that of the global
+      batch, identical on every device: one all-reduce per loss, gradient
+      or curvature product), or ``sam_optax.Chunks(m, shared=True)`` (the
+      batch accumulated over chunks of m examples, memory of one chunk).
   Returns:
     A `Landscape1D` (alphas, losses); each loss as loss_fn gives it (NaN
     where it is NaN).
@@ -236,7 +243,7 @@ def loss_landscape_1d(
         f'{owner}: give either direction= or endpoint=, not both.')
   obj = objective_lib.Objective(
       owner, loss_fn, params, loss_kwargs=loss_kwargs, batches=batches,
-      has_aux=has_aux)
+      has_aux=has_aux, layout=layout)
   if endpoint is not None:
     _check_like(owner, 'endpoint', endpoint, params)
     d = tree_math.tree_sub(endpoint, params)
@@ -270,6 +277,7 @@ def loss_landscape_2d(
     loss_kwargs: Optional[Mapping[str, Any]] = None,
     batches: Batches = None,
     has_aux: bool = False,
+    layout: Any = None,
 ) -> Landscape2D:
   r"""The loss on a plane through w spanned by two directions.
 
@@ -308,6 +316,12 @@ def loss_landscape_2d(
     batches: an iterable of ``loss_kwargs`` dicts (the dataset loss).
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
+    layout: where the batch lies: ``None`` (on this device), or
+      ``sam_optax.PerDevice(axis)`` inside `jax.pmap` / `jax.shard_map` with
+      the batch sharded over ``axis`` (the measurement is that of the global
+      batch, identical on every device: one all-reduce per loss, gradient
+      or curvature product), or ``sam_optax.Chunks(m, shared=True)`` (the
+      batch accumulated over chunks of m examples, memory of one chunk).
   Returns:
     A `Landscape2D` (alphas, betas, losses); each loss as loss_fn gives it
     (NaN where it is NaN).
@@ -343,7 +357,7 @@ def loss_landscape_2d(
     span_x = span_y = _span(owner, span)
   obj = objective_lib.Objective(
       owner, loss_fn, params, loss_kwargs=loss_kwargs, batches=batches,
-      has_aux=has_aux)
+      has_aux=has_aux, layout=layout)
   if directions is None:
     key1, key2 = jax.random.split(objective_lib.resolve_key(key))
     d1, d2 = (filter_normalized_direction(

@@ -21,11 +21,15 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import jax
+from jax import flatten_util
 import jax.numpy as jnp
 import numpy as np
 
+from sam_optax._src.core import batching
 from sam_optax._src.core import tree_math
 from sam_optax._src.core import validation
+from sam_optax._src.pipeline import groups
+from sam_optax._src.pipeline import layouts
 
 PyTree = Any
 
@@ -80,6 +84,46 @@ def stack_batches(owner: str, batches: Iterable[Mapping[str, Any]]):
       )
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[dict(b) for b in batch_list])
   return stacked, len(batch_list)
+
+
+def device_mean(tree: PyTree, axes: tuple) -> PyTree:
+  """The mean of ``tree`` over ``axes`` in one all-reduce.
+
+  The leaves are raveled into one vector first (`jax.lax.pmean` of a tree
+  is one all-reduce per leaf), at least float32 wide, as they come back.
+  """
+  flat, unravel = flatten_util.ravel_pytree(jax.tree.map(tree_math.wide, tree))
+  return unravel(jax.lax.pmean(flat, axes))
+
+
+def check_layout(owner: str, layout: Any) -> layouts.Layout:
+  """A helper's ``layout=``: None, PerDevice(axis) or Chunks(m, shared=True).
+
+  A helper measures one loss, so a layout only says where its batch lies:
+  `PerDevice` -- sharded over a pmap / shard_map axis, measured on the global
+  batch (``sync`` makes no difference; ``groups`` is refused);
+  ``Chunks(m, shared=True)`` (alone or as ``PerDevice(..., chunks=)``) -- the
+  batch accumulated over chunks of m examples, at the memory of one chunk.
+  A per-chunk measurement (``Chunks(m)`` without ``shared``) is
+  `m_sharpness`, and the error says so.
+  """
+  layout = layouts.check_layout(owner, layout)
+  if isinstance(layout, layouts.PerDevice) and layout.groups is not None:
+    raise ValueError(
+        f'{owner}: layout={layout!r}: a helper measures the loss on the whole'
+        ' (global) batch of the axis, so groups= has no meaning here. Use'
+        f' PerDevice({layout.axis!r}), or call the helper inside each group'
+        ' with a pmap / shard_map over the group axis.')
+  chunks = layout if isinstance(layout, layouts.Chunks) else getattr(
+      layout, 'chunks', None)
+  if chunks is not None and not chunks.shared:
+    raise ValueError(
+        f'{owner}: layout={layout!r} gives every chunk of {chunks.m} examples'
+        ' its own measurement, but a helper measures one loss. Use'
+        f' Chunks({chunks.m}, shared=True) to accumulate the batch over chunks'
+        f' (memory of one chunk), or sharpness.m_sharpness(..., m={chunks.m})'
+        ' for the mean of per-chunk measurements.')
+  return layout
 
 
 def check_loss_output(owner: str, out: Any, has_aux: bool) -> Any:
@@ -139,9 +183,19 @@ class Objective:
   iterable of equally shaped dicts, and loss_fn's output a scalar (or
   ``(loss, aux)`` with ``has_aux=True``, `check_loss_output`).
 
+  ``layout=`` (`check_layout`) says where the batch lies. With
+  ``PerDevice(axis)`` every loss, gradient and curvature product is averaged
+  over the axis in one all-reduce (`jax.lax.pmean`), so each is that of the
+  global batch and identical on every device; inside `jax.shard_map` the
+  derivatives are taken at parameters marked device-varying first, so that
+  autodiff does not sum them over the devices. With ``Chunks(m,
+  shared=True)`` each batch is split into chunks of m examples whose values
+  are averaged (`batching.over_chunks`).
+
   Attributes:
     owner: the public helper's name, for error messages.
     num_batches: how many batches are averaged (1 for a single batch).
+    layout: the checked layout.
   """
 
   def __init__(
@@ -153,8 +207,12 @@ class Objective:
       loss_kwargs: Optional[Mapping[str, Any]] = None,
       batches: Optional[Iterable[Mapping[str, Any]]] = None,
       has_aux: bool = False,
+      layout: Any = None,
+      unroll: bool = False,
   ):
     check_inputs(owner, loss_fn, params, loss_kwargs, has_aux)
+    self.layout = check_layout(owner, layout)
+    self.unroll = unroll
     self.owner = owner
     self.loss_fn = loss_fn
     self.has_aux = has_aux
@@ -169,26 +227,64 @@ class Objective:
             f'{owner}: {clash} given both in loss_kwargs and in every batch;'
             ' loss_kwargs holds the arguments shared by all batches.'
         )
+    self._axes = (self.layout.axes if isinstance(
+        self.layout, layouts.PerDevice) else ())
+    self._chunks = (self.layout if isinstance(self.layout, layouts.Chunks)
+                    else getattr(self.layout, 'chunks', None))
+    data = (self.common, self.stacked)
+    self._tracked = bool(self._axes) and any(
+        set(self._axes) & groups.varying_axes(x) for x in jax.tree.leaves(data))
+    check_sharded(owner, self.layout, params, data)
+
+  def local(self, tree: PyTree) -> PyTree:
+    """``tree`` marked device-varying (inside shard_map with PerDevice).
+
+    A derivative with respect to replicated weights of a loss on sharded
+    data is summed over the devices by autodiff; taken at varying weights
+    it is the device's own, which `_mean` then averages.
+    """
+    return groups.make_local(tree, self._axes, self._tracked)
 
   def _kwargs(self, batch):
     return self.common if batch is None else {**self.common, **batch}
 
+  def _on_batch(self, fn: Callable[[dict], PyTree], kwargs: dict) -> PyTree:
+    """fn on one batch, or its mean over the batch's chunks (shared Chunks)."""
+    if self._chunks is None:
+      return fn(kwargs)
+    split, mask, num_chunks = batching.split_into_chunks(
+        self.owner, kwargs, self._chunks.m, self._chunks.batch_argnames)
+    mean, _ = batching.over_chunks(
+        lambda chunk: (fn(chunk), ()), split, mask, num_chunks,
+        self._chunks.mode)
+    return mean
+
   def _mean(self, fn: Callable[[dict], PyTree]) -> PyTree:
-    """fn(kwargs) on the one batch, or its float32 mean over the batches."""
+    """fn(kwargs) on the one batch, or its float32 mean over the batches.
+
+    Averaged over the devices of a `PerDevice` layout: one all-reduce.
+    """
     if self.stacked is None:
-      return fn(self._kwargs(None))
+      out = self._on_batch(fn, self._kwargs(None))
+    else:
+      out = self._mean_over_batches(fn)
+    return device_mean(out, self._axes) if self._axes else out
+
+  def _mean_over_batches(self, fn: Callable[[dict], PyTree]) -> PyTree:
     first = jax.tree.map(lambda x: x[0], self.stacked)
-    shapes = jax.eval_shape(lambda b: fn(self._kwargs(b)), first)
+    one = lambda b: self._on_batch(fn, self._kwargs(b))
+    shapes = jax.eval_shape(one, first)
     init = jax.tree.map(
-        lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)),
+        lambda s: batching.like_varying(
+            jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)), s),
         shapes,
     )
 
     def body(total, batch):
-      out = fn(self._kwargs(batch))
+      out = one(batch)
       return jax.tree.map(lambda t, o: t + o.astype(t.dtype), total, out), None
 
-    total, _ = jax.lax.scan(body, init, self.stacked)
+    total, _ = jax.lax.scan(body, init, self.stacked, unroll=self.unroll)
     inverse = 1.0 / self.num_batches
     return jax.tree.map(
         lambda t, s: (t * inverse).astype(
@@ -210,8 +306,9 @@ class Objective:
 
   def value_and_grad(self, params: PyTree):
     """(L(w), grad L(w)); the gradient keeps the parameters' dtypes."""
+    local = self.local(params)
     loss, grad = self._mean(
-        lambda kw: jax.value_and_grad(self.loss_on)(params, kw)
+        lambda kw: jax.value_and_grad(self.loss_on)(local, kw)
     )
     return loss, tree_math.tree_cast_like(grad, params)
 
@@ -223,11 +320,12 @@ class Objective:
 
     NaN wherever L(w) is not finite (the loss comes with the same pass).
     """
-    vector = tree_math.tree_cast_like(vector, params)
+    local, vector = self.local((params, tree_math.tree_cast_like(
+        vector, params)))
 
     def one(kw):
       value_and_grad = lambda p: jax.value_and_grad(self.loss_on)(p, kw)
-      (loss, _), (_, hv) = jax.jvp(value_and_grad, (params,), (vector,))
+      (loss, _), (_, hv) = jax.jvp(value_and_grad, (local,), (vector,))
       return loss, hv
 
     loss, hv = self._mean(one)
@@ -238,13 +336,39 @@ class Objective:
     """C(w) v for a curvature (None: the Hessian, `hvp`); NaN like `hvp`."""
     if curvature is None:
       return self.hvp(params, vector)
-    vector = tree_math.tree_cast_like(vector, params)
+    local, vector = self.local((params, tree_math.tree_cast_like(
+        vector, params)))
 
     def one(kw):
-      return self.loss_on(params, kw), curvature.product(params, vector, kw)
+      return self.loss_on(local, kw), curvature.product(local, vector, kw)
 
     loss, cv = self._mean(one)
     return nan_unless_finite(tree_math.tree_cast_like(cv, params), loss)
+
+
+def check_sharded(owner: str, layout: Any, params: PyTree,
+                   data: PyTree) -> None:
+  """Data sharded over shard_map axes that the layout does not name: error.
+
+  Autodiff with respect to replicated weights would sum the derivatives
+  over those axes (not average them), a silently wrong curvature.
+  """
+  named = set(layout.axes) if isinstance(layout, layouts.PerDevice) else set()
+  data_axes = frozenset().union(
+      *[groups.varying_axes(x) for x in jax.tree.leaves(data)])
+  param_axes = [groups.varying_axes(x) for x in jax.tree.leaves(params)]
+  unnamed = sorted(
+      (a for a in data_axes - named
+       if not all(a in axes for axes in param_axes)), key=str)
+  if unnamed:
+    axis = unnamed[0] if len(unnamed) == 1 else tuple(unnamed)
+    raise ValueError(
+        f'{owner}: the batch is sharded over shard_map axis {axis!r} but'
+        f' layout={layout!r} does not name it, so the derivatives would be'
+        ' summed over the devices. Pass'
+        f' layout=sam_optax.PerDevice({axis!r}) to measure the global batch,'
+        ' or give each device its own measurement with'
+        f" params=jax.lax.pcast(params, {axis!r}, to='varying').")
 
 
 def check_inputs(owner: str, loss_fn: Any, params: PyTree, loss_kwargs: Any,

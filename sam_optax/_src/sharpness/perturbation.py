@@ -19,6 +19,8 @@ from sam_optax._src.core import batching
 from sam_optax._src.core import directions
 from sam_optax._src.core import tree_math
 from sam_optax._src.core import validation
+from sam_optax._src.pipeline import groups
+from sam_optax._src.pipeline import layouts
 from sam_optax._src.sharpness import objective as objective_lib
 
 PyTree = Any
@@ -63,6 +65,7 @@ def first_order_sharpness(
     loss_kwargs: Optional[Mapping[str, Any]] = None,
     batches: Batches = None,
     has_aux: bool = False,
+    layout: Any = None,
 ) -> jax.Array:
   r"""First-order sharpness: the linearized loss increase over the rho-ball.
 
@@ -97,6 +100,12 @@ def first_order_sharpness(
       the batches) is measured.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
+    layout: where the batch lies: ``None`` (on this device), or
+      ``sam_optax.PerDevice(axis)`` inside `jax.pmap` / `jax.shard_map` with
+      the batch sharded over ``axis`` (the measurement is that of the global
+      batch, identical on every device: one all-reduce per loss, gradient
+      or curvature product), or ``sam_optax.Chunks(m, shared=True)`` (the
+      batch accumulated over chunks of m examples, memory of one chunk).
   Returns:
     The sharpness, a float32 scalar; NaN when L(w) is NaN or infinite.
 
@@ -120,7 +129,7 @@ def first_order_sharpness(
   _check_adaptive(owner, adaptive, eta)
   obj = objective_lib.Objective(
       owner, loss_fn, params, loss_kwargs=loss_kwargs, batches=batches,
-      has_aux=has_aux)
+      has_aux=has_aux, layout=layout)
   loss, grad = obj.value_and_grad(params)
   scaled = _apply_scale(_scale(params, adaptive, eta), grad)
   value = jnp.asarray(rho, jnp.float32) * tree_math.tree_norm(scaled)
@@ -137,6 +146,7 @@ def sam_sharpness(
     loss_kwargs: Optional[Mapping[str, Any]] = None,
     batches: Batches = None,
     has_aux: bool = False,
+    layout: Any = None,
 ) -> jax.Array:
   r"""SAM sharpness: the loss increase at SAM's one-step worst point.
 
@@ -169,6 +179,12 @@ def sam_sharpness(
     batches: an iterable of ``loss_kwargs`` dicts (the dataset loss).
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
+    layout: where the batch lies: ``None`` (on this device), or
+      ``sam_optax.PerDevice(axis)`` inside `jax.pmap` / `jax.shard_map` with
+      the batch sharded over ``axis`` (the measurement is that of the global
+      batch, identical on every device: one all-reduce per loss, gradient
+      or curvature product), or ``sam_optax.Chunks(m, shared=True)`` (the
+      batch accumulated over chunks of m examples, memory of one chunk).
   Returns:
     :math:`L(w + \epsilon) - L(w)`, a float32 scalar; NaN when either loss
     is NaN (or L(w) infinite).
@@ -194,7 +210,7 @@ def sam_sharpness(
   _check_adaptive(owner, adaptive, eta)
   obj = objective_lib.Objective(
       owner, loss_fn, params, loss_kwargs=loss_kwargs, batches=batches,
-      has_aux=has_aux)
+      has_aux=has_aux, layout=layout)
   loss, grad = obj.value_and_grad(params)
   if adaptive:
     direction = directions.adaptive_direction(
@@ -255,6 +271,7 @@ def worst_case_sharpness(
     loss_kwargs: Optional[Mapping[str, Any]] = None,
     batches: Batches = None,
     has_aux: bool = False,
+    layout: Any = None,
 ) -> WorstCaseSharpness:
   r"""Worst-case sharpness by projected multi-step ascent (Auto-PGD).
 
@@ -308,6 +325,12 @@ def worst_case_sharpness(
     batches: an iterable of ``loss_kwargs`` dicts (the dataset loss).
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
+    layout: where the batch lies: ``None`` (on this device), or
+      ``sam_optax.PerDevice(axis)`` inside `jax.pmap` / `jax.shard_map` with
+      the batch sharded over ``axis`` (the measurement is that of the global
+      batch, identical on every device: one all-reduce per loss, gradient
+      or curvature product), or ``sam_optax.Chunks(m, shared=True)`` (the
+      batch accumulated over chunks of m examples, memory of one chunk).
   Returns:
     A `WorstCaseSharpness` (sharpness, perturbation_norm, perturbation);
     every field NaN when L(w), or the loss at any point of the ascent, is
@@ -347,7 +370,7 @@ def worst_case_sharpness(
     raise ValueError(f'{owner}: momentum must be in (0, 1], got {momentum!r}.')
   obj = objective_lib.Objective(
       owner, loss_fn, params, loss_kwargs=loss_kwargs, batches=batches,
-      has_aux=has_aux)
+      has_aux=has_aux, layout=layout)
   rho = jnp.asarray(rho, jnp.float32)
   ball = _Ball(norm, rho)
   scale = _scale(params, adaptive, eta)
@@ -531,6 +554,7 @@ def average_case_sharpness(
     loss_kwargs: Optional[Mapping[str, Any]] = None,
     batches: Batches = None,
     has_aux: bool = False,
+    layout: Any = None,
 ) -> AverageCaseSharpness:
   r"""Average-case sharpness: the mean loss increase under Gaussian noise.
 
@@ -567,6 +591,12 @@ def average_case_sharpness(
     batches: an iterable of ``loss_kwargs`` dicts (the dataset loss).
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
+    layout: where the batch lies: ``None`` (on this device), or
+      ``sam_optax.PerDevice(axis)`` inside `jax.pmap` / `jax.shard_map` with
+      the batch sharded over ``axis`` (the measurement is that of the global
+      batch, identical on every device: one all-reduce per loss, gradient
+      or curvature product), or ``sam_optax.Chunks(m, shared=True)`` (the
+      batch accumulated over chunks of m examples, memory of one chunk).
   Returns:
     An `AverageCaseSharpness` (sharpness, standard_error); NaN when L(w)
     or any perturbed loss is NaN.
@@ -594,7 +624,7 @@ def average_case_sharpness(
   num_samples = validation.check_static_int(owner, 'num_samples', num_samples, 1)
   obj = objective_lib.Objective(
       owner, loss_fn, params, loss_kwargs=loss_kwargs, batches=batches,
-      has_aux=has_aux)
+      has_aux=has_aux, layout=layout)
   key = objective_lib.resolve_key(key)
   sigma = jnp.asarray(sigma, jnp.float32)
   scale = _scale(params, adaptive, eta)
@@ -712,6 +742,7 @@ def m_sharpness(
     loss_kwargs: Optional[Mapping[str, Any]] = None,
     batches: Batches = None,
     has_aux: bool = False,
+    layout: Any = None,
     **measure_options: Any,
 ) -> jax.Array:
   r"""m-sharpness: the mean sharpness of disjoint chunks of m examples.
@@ -736,6 +767,11 @@ def m_sharpness(
   split; with ``batches`` the mean is over the chunks of every batch. A
   ``measure`` that takes a ``key`` gets an independent key per chunk. A NaN
   loss on any chunk makes the result NaN.
+
+  With ``layout=sam_optax.PerDevice(axis)`` inside `jax.pmap` /
+  `jax.shard_map`, each device splits its own shard of the batch and the
+  mean runs over the chunks of every device (one all-reduce of the result):
+  m = the per-device batch is the SAM paper's data-parallel m-sharpness.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -773,6 +809,9 @@ def m_sharpness(
       TypeError naming ``has_aux``.
     **measure_options: forwarded to ``measure`` (e.g. ``rho``).
 
+    layout: ``None``, or ``sam_optax.PerDevice(axis)`` with the batch
+      sharded over ``axis`` inside pmap / shard_map (the mean over the
+      chunks of every device).
   Returns:
     The mean over chunks of the per-chunk value, float32 (a scalar, or the
     shape of the per-chunk value, e.g. (k,) for `hessian_eigenvalues`);
@@ -806,10 +845,11 @@ def m_sharpness(
         f'{owner}: measure must be a sharpness helper such as'
         f' sam_sharpness or worst_case_sharpness, got {measure!r}.'
     )
-  for reserved in ('loss_kwargs', 'batches', 'has_aux', 'key'):
+  for reserved in ('loss_kwargs', 'batches', 'has_aux', 'key', 'layout'):
     if reserved in measure_options:
       raise TypeError(f'{owner}: pass {reserved} to m_sharpness itself.')
   objective_lib.check_inputs(owner, loss_fn, params, loss_kwargs, has_aux)
+  axes = _device_axes(owner, layout)
   leaves, treedef, mapped, common, num_chunks = _chunked(
       owner, m, loss_kwargs, batches)
 
@@ -824,6 +864,12 @@ def m_sharpness(
   first = chunk_kwargs([leaves[i][0] for i in mapped])
   jax.eval_shape(lambda: objective_lib.check_loss_output(
       owner, loss_fn(params, **first), has_aux))
+  objective_lib.check_sharded(owner, layout, params, (leaves, common))
+  # Each device measures its own chunks: at weights marked device-varying
+  # inside shard_map, so that autodiff does not sum over the devices.
+  tracked = any(set(axes) & groups.varying_axes(x)
+                for x in jax.tree.leaves((leaves, common)))
+  params = groups.make_local(params, axes, tracked)
   pass_key = _accepts_key(measure)
   keys = jax.random.split(objective_lib.resolve_key(key), num_chunks)
 
@@ -835,4 +881,20 @@ def m_sharpness(
     return _main_value(owner, measure, out)
 
   values = jax.lax.map(one_chunk, ([leaves[i] for i in mapped], keys))
-  return jnp.mean(values, axis=0)
+  mean = jnp.mean(values, axis=0)
+  return jax.lax.pmean(mean, axes) if axes else mean
+
+
+def _device_axes(owner: str, layout: Any) -> tuple:
+  """m_sharpness's layout: None or a plain PerDevice(axis); its axes."""
+  layout = layouts.check_layout(owner, layout)
+  if layout is None:
+    return ()
+  if isinstance(layout, layouts.Chunks) or layout.chunks is not None or (
+      layout.groups is not None):
+    raise ValueError(
+        f'{owner}: layout={layout!r}: m already splits the batch into chunks;'
+        ' the layout only says which axis the batch is sharded over. Use'
+        ' layout=None on one device or sam_optax.PerDevice(axis) inside'
+        ' pmap / shard_map.')
+  return layout.axes

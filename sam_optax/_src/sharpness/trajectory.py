@@ -67,6 +67,7 @@ def loss_interpolation(
     loss_kwargs: Optional[Mapping[str, Any]] = None,
     batches: Batches = None,
     has_aux: bool = False,
+    layout: Any = None,
 ) -> Interpolation:
   r"""The loss on the straight line through two weights, a and b.
 
@@ -102,6 +103,12 @@ def loss_interpolation(
     batches: an iterable of ``loss_kwargs`` dicts (the dataset loss).
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
+    layout: where the batch lies: ``None`` (on this device), or
+      ``sam_optax.PerDevice(axis)`` inside `jax.pmap` / `jax.shard_map` with
+      the batch sharded over ``axis`` (the measurement is that of the global
+      batch, identical on every device: one all-reduce per loss, gradient
+      or curvature product), or ``sam_optax.Chunks(m, shared=True)`` (the
+      batch accumulated over chunks of m examples, memory of one chunk).
   Returns:
     An `Interpolation` (ts, losses); each loss as loss_fn gives it (NaN
     where it is NaN).
@@ -125,7 +132,7 @@ def loss_interpolation(
   owner = 'loss_interpolation'
   obj = objective_lib.Objective(
       owner, loss_fn, params_a, loss_kwargs=loss_kwargs, batches=batches,
-      has_aux=has_aux)
+      has_aux=has_aux, layout=layout)
   landscape._check_like(owner, 'params_b', params_b, params_a)  # pylint: disable=protected-access
   ts = (landscape._grid((-0.5, 1.5), 41) if ts is None  # pylint: disable=protected-access
         else _check_ts(owner, ts))
@@ -204,6 +211,7 @@ def trajectory_pca(
     loss_kwargs: Optional[Mapping[str, Any]] = None,
     batches: Batches = None,
     has_aux: bool = False,
+    layout: Any = None,
 ) -> TrajectoryPCA:
   r"""The plane of a training run's top-2 PCA directions, its loss and path.
 
@@ -252,6 +260,12 @@ def trajectory_pca(
     batches: an iterable of ``loss_kwargs`` dicts (the dataset loss).
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
+    layout: where the batch lies: ``None`` (on this device), or
+      ``sam_optax.PerDevice(axis)`` inside `jax.pmap` / `jax.shard_map` with
+      the batch sharded over ``axis`` (the measurement is that of the global
+      batch, identical on every device: one all-reduce per loss, gradient
+      or curvature product), or ``sam_optax.Chunks(m, shared=True)`` (the
+      batch accumulated over chunks of m examples, memory of one chunk).
   Returns:
     A `TrajectoryPCA` (directions, path, explained_variance, landscape);
     NaN checkpoints give NaN throughout; each loss as loss_fn gives it.
@@ -275,7 +289,7 @@ def trajectory_pca(
   matrix, unravel, final = _flat_checkpoints(owner, checkpoints)
   obj = objective_lib.Objective(
       owner, loss_fn, final, loss_kwargs=loss_kwargs, batches=batches,
-      has_aux=has_aux)
+      has_aux=has_aux, layout=layout)
   diffs = matrix - matrix[-1]
   directions, explained = _pca_plane(diffs[:-1], center)
   path = diffs @ directions.T
