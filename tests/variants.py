@@ -67,7 +67,9 @@ VARIANTS = [
     Variant('looksam', sam_optax.looksam, {'k': 1}, unused=('alpha',)),
     Variant('ae_sam', sam_optax.ae_sam, {'c_start': -4.0, 'c_end': -4.0}),
     Variant('random_sam', sam_optax.random_sam, {'p': 1.0}),
-    Variant('esam', sam_optax.esam, {'beta': 1.0}),
+    # gamma 0.999 keeps every example of the battery's groups (k = n) but
+    # runs SDS's per-example selection; gamma=1 is SWP alone (test_esam_sds).
+    Variant('esam', sam_optax.esam, {'beta': 1.0, 'gamma': 0.999}),
 ]
 
 # The layout battery (test_layouts.py) compares a layout with the variant run

@@ -54,16 +54,69 @@ def _same(tree):
   return tree
 
 
+def per_example_losses(batch: Batch, kwargs: dict, names) -> jax.Array:
+  """L_i(w) for each example of ``kwargs``: ``w -> (n,)`` forward passes.
+
+  The batch is split into chunks of one example (`batching.split_into_chunks`
+  with ``names`` as its ``batch_argnames``) and the loss is vmapped over
+  them, so example i's loss is ``loss_fn`` on a batch of that one example.
+  """
+  split, mask, _ = batching.split_into_chunks(batch.owner, kwargs, 1, names)
+  in_axes = jax.tree.map(lambda b: 0 if b else None, mask)
+
+  def losses(w):
+    # The whole group's loss is checked first (abstractly, no compute), so
+    # a bad loss_fn's error names the group's shapes, not one example's.
+    jax.eval_shape(lambda: batch.loss(w, kwargs))
+    return jax.vmap(lambda kw: batch.loss(w, kw), in_axes=(in_axes,))(split)
+
+  return losses
+
+
+def select_examples(batch: Batch, kwargs: dict, names,
+                    indices: jax.Array) -> dict:
+  """The rows ``indices`` of every per-example leaf of ``kwargs``."""
+  mask = batching.batch_mask(batch.owner, kwargs, names)
+  return jax.tree.map(
+      lambda x, s: jnp.take(x, indices, axis=0) if s else x, dict(kwargs),
+      mask)
+
+
+def _pick(names, default):
+  return default if names is None else names
+
+
+def _examples(batch: Batch, kwargs: dict, default_names, sync):
+  """A group's per-example pieces ``(losses_at, grad_on)`` on ``kwargs``."""
+
+  def losses_at(w, names=None):
+    return per_example_losses(batch, kwargs, _pick(names, default_names))(w)
+
+  def grad_on(w, indices, names=None):
+    picked = select_examples(batch, kwargs, _pick(names, default_names),
+                             indices)
+    return sync(batch.value_and_grad(w, picked))
+
+  return dict(losses_at=losses_at, grad_on=grad_on, mean=sync)
+
+
 def whole(fn: GroupStep, batch: Batch, clean=None, sync=_same):
   """``layout=None``: the whole batch is one group.
 
   ``sync`` averages every loss and gradient over the group's devices
-  (`PerDevice` with ``sync=True``), so the pieces see global values.
+  (`PerDevice` with ``sync=True``), so the pieces see global values --
+  except the per-example losses, which are this device's examples (a
+  selection among them is per device, and its gradient is averaged).
   """
   return _one_group(fn, Group(
       clean_grad=batch.updates if clean is None else clean,
       grad_at=lambda w: sync(batch.value_and_grad(w, batch.loss_kwargs)),
-      loss_at=lambda w: sync(batch.loss(w, batch.loss_kwargs))))
+      loss_at=lambda w: sync(batch.loss(w, batch.loss_kwargs)),
+      **_examples(batch, batch.loss_kwargs, None, sync)))
+
+
+def _largest_divisor(k: int, m: int) -> int:
+  return max(d for d in range(1, min(k, m) + 1) if k % d == 0)
 
 
 def chunked(fn: GroupStep, batch: Batch, chunks: layouts.Chunks, clean=None,
@@ -79,16 +132,38 @@ def chunked(fn: GroupStep, batch: Batch, chunks: layouts.Chunks, clean=None,
       (loss, grad), _ = mapped(lambda kw: (batch.value_and_grad(w, kw), None))
       return sync((loss, tree_math.tree_cast_like(grad, batch.params)))
 
+    def losses_at(w, names=None):
+      names = _pick(names, chunks.batch_argnames)
+      _, stacked = mapped(lambda kw: ((), per_example_losses(
+          batch, kw, names)(w)))
+      return jnp.reshape(stacked, (-1,))  # chunk i holds rows i*m .. i*m+m-1
+
+    def grad_on(w, indices, names=None):
+      # The selected rows, accumulated in chunks of at most m examples.
+      names = _pick(names, chunks.batch_argnames)
+      picked = select_examples(batch, batch.loss_kwargs, names, indices)
+      size = _largest_divisor(int(indices.shape[0]), chunks.m)
+      part, part_mask, parts = batching.split_into_chunks(
+          batch.owner, picked, size, names)
+      mode = chunks.mode if isinstance(chunks.mode, str) else (
+          batching.VECTORIZED)
+      (loss, grad), _ = batching.over_chunks(
+          lambda kw: (batch.value_and_grad(w, kw), None), part, part_mask,
+          parts, mode)
+      return sync((loss, tree_math.tree_cast_like(grad, batch.params)))
+
     return _one_group(fn, Group(
         clean_grad=batch.updates if clean is None else clean,
         grad_at=grad_at,
         loss_at=lambda w: sync(mapped(lambda kw: (batch.loss(w, kw),
-                                                  None))[0])))
+                                                  None))[0]),
+        losses_at=losses_at, grad_on=grad_on, mean=sync))
 
   def one_chunk(kw):
     grad_at = lambda w: batch.value_and_grad(w, kw)
     return fn(Group(clean_grad=grad_at(batch.params)[1], grad_at=grad_at,
-                    loss_at=lambda w: batch.loss(w, kw)))
+                    loss_at=lambda w: batch.loss(w, kw),
+                    **_examples(batch, kw, chunks.batch_argnames, _same)))
 
   return mapped(one_chunk)
 

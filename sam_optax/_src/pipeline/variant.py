@@ -33,14 +33,30 @@ class Group(NamedTuple):
     clean_grad: g0, the gradient the group's perturbation is built from.
     grad_at: ``w -> (loss, grad)`` on the group's examples.
     loss_at: ``w -> loss`` on the group's examples (a forward pass).
+    losses_at: ``(w, batch_argnames=None) -> (n,)``: each of the group's n
+      examples' own loss (``loss_fn`` on a batch of that one example; n
+      forward passes, vmapped). ``batch_argnames`` names the per-example
+      keyword arguments (default: the layout's `Chunks` names, else every
+      array with a leading dimension).
+    grad_on: ``(w, indices, batch_argnames=None) -> (loss, grad)`` on the
+      examples ``indices`` of the group only (a static number of them; the
+      loss is ``loss_fn`` on those rows).
+    mean: averages a value computed from ``losses_at`` over the group's
+      devices (``PerDevice(sync=True)``), so it is the group's; the
+      identity otherwise.
 
   With ``PerDevice(sync=True)`` a group spans devices, and every loss and
-  gradient is already averaged over them.
+  gradient is already averaged over them -- except ``losses_at``, which
+  gives this device's examples; ``grad_on`` then selects among this
+  device's examples and averages the gradient over the group.
   """
 
   clean_grad: PyTree
   grad_at: Callable[[PyTree], tuple[jax.Array, PyTree]]
   loss_at: Callable[[PyTree], jax.Array]
+  losses_at: Optional[Callable[..., jax.Array]] = None
+  grad_on: Optional[Callable[..., tuple[jax.Array, PyTree]]] = None
+  mean: Callable[[PyTree], PyTree] = lambda tree: tree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,14 +94,45 @@ class Context:
   def count(self) -> jax.Array:
     return self.state.count
 
-  def grad_at(self, point: PyTree) -> tuple[jax.Array, PyTree]:
-    """(L(point), grad L(point)) on the group's examples, loss in float32."""
-    loss, grad = self.group.grad_at(point)
+  def grad_at(self, point: PyTree, select: Optional[jax.Array] = None,
+              batch_argnames=None) -> tuple[jax.Array, PyTree]:
+    """(L(point), grad L(point)) on the group's examples, loss in float32.
+
+    With ``select`` (int indices into the group's examples, as `losses_at`
+    numbers them; a static count) only those examples: ``loss_fn`` on
+    their rows of every per-example keyword argument (``batch_argnames``,
+    see `losses_at`).
+    """
+    if select is None:
+      loss, grad = self.group.grad_at(point)
+    else:
+      loss, grad = self.group.grad_on(point, select, batch_argnames)
     return jnp.asarray(loss, jnp.float32), grad
 
   def loss_at(self, point: PyTree) -> jax.Array:
     """L(point) on the group's examples (a forward pass), float32."""
     return jnp.asarray(self.group.loss_at(point), jnp.float32)
+
+  def losses_at(self, point: PyTree, batch_argnames=None) -> jax.Array:
+    """Each example's loss L_i(point) on the group's examples, float32 (n,).
+
+    Example i's loss is ``loss_fn`` on a batch of that one example (forward
+    passes only, vmapped). ``batch_argnames`` names the per-example keyword
+    arguments; by default those of the layout's `Chunks`, else every array
+    with a leading dimension. Under ``PerDevice(sync=True)`` these are this
+    device's examples.
+    """
+    return jnp.asarray(self.group.losses_at(point, batch_argnames),
+                       jnp.float32)
+
+  def group_mean(self, tree: PyTree) -> PyTree:
+    """``tree`` averaged over the group's devices (``PerDevice(sync=True)``).
+
+    For a value computed from this device's `losses_at` (e.g. a mean of
+    them), so that it is the group's value like every other loss; the
+    identity under every other layout.
+    """
+    return self.group.mean(tree)
 
   def shift(self, displacement: PyTree) -> PyTree:
     """w + displacement, in the parameters' dtypes."""
