@@ -57,6 +57,7 @@ def normal_like(key, params):
       for i, leaf in enumerate(leaves)])
 
 
+@jax.jit
 def reference_group(w, s, key, x, y):
   """One perturbation: (L(w + rho g / s), g_eps, sqrt(s g^2), ||g||)."""
   n, rho = HP['num_data'], HP['rho']
