@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from sam_optax._src.core import tree_math
 from sam_optax._src.core import validation
+from sam_optax._src.sharpness import blocks
 from sam_optax._src.sharpness import curvature as curvature_lib
 from sam_optax._src.sharpness import objective as objective_lib
 
@@ -223,6 +224,7 @@ def _opposite_pair(op: _FlatOperator, v: jax.Array, residual_tol: jax.Array):
   return vector, value, plus_ok | minus_ok
 
 
+@blocks.selectable
 def hessian_top_eigenvalue(
     loss_fn: Callable[..., Any],
     params: PyTree,
@@ -296,6 +298,15 @@ def hessian_top_eigenvalue(
       batch, identical on every device: one all-reduce per loss, gradient
       or curvature product), or ``sam_optax.Chunks(m, shared=True)`` (the
       batch accumulated over chunks of m examples, memory of one chunk).
+    select: which leaves' curvature block to measure (SAM-ON's
+      ``perturbation_mask`` forms: a pytree of bools like params, a
+      function ``params -> pytree of bools``, or a predicate
+      ``(path, leaf) -> bool``): the helper measures the diagonal block
+      :math:`C_{SS}` of the selected leaves S, the others held fixed; vectors
+      in the result are like params, zero outside S. None: every leaf.
+    per_leaf: measure each selected leaf's own diagonal block in one call
+      and return a pytree like params whose selected leaves hold that
+      leaf's result (unselected ones None); vectors there are like the leaf.
   Returns:
     A `HessianTopEigenvalue` (eigenvalue, eigenvector, num_iterations,
     converged).
@@ -424,6 +435,7 @@ class HessianEigenvalues(NamedTuple):
   residuals: jax.Array
 
 
+@blocks.selectable
 def hessian_eigenvalues(
     loss_fn: Callable[..., Any],
     params: PyTree,
@@ -491,6 +503,15 @@ def hessian_eigenvalues(
       batch, identical on every device: one all-reduce per loss, gradient
       or curvature product), or ``sam_optax.Chunks(m, shared=True)`` (the
       batch accumulated over chunks of m examples, memory of one chunk).
+    select: which leaves' curvature block to measure (SAM-ON's
+      ``perturbation_mask`` forms: a pytree of bools like params, a
+      function ``params -> pytree of bools``, or a predicate
+      ``(path, leaf) -> bool``): the helper measures the diagonal block
+      :math:`C_{SS}` of the selected leaves S, the others held fixed; vectors
+      in the result are like params, zero outside S. None: every leaf.
+    per_leaf: measure each selected leaf's own diagonal block in one call
+      and return a pytree like params whose selected leaves hold that
+      leaf's result (unselected ones None); vectors there are like the leaf.
   Returns:
     A `HessianEigenvalues` (eigenvalues, eigenvectors, residuals).
 
@@ -614,6 +635,7 @@ _TRACE_METHODS = {'hutchinson': (_hutchinson, 1), 'hutch++': (
     _hutch_plus_plus, 3)}
 
 
+@blocks.selectable
 def hessian_trace(
     loss_fn: Callable[..., Any],
     params: PyTree,
@@ -689,6 +711,15 @@ def hessian_trace(
       batch, identical on every device: one all-reduce per loss, gradient
       or curvature product), or ``sam_optax.Chunks(m, shared=True)`` (the
       batch accumulated over chunks of m examples, memory of one chunk).
+    select: which leaves' curvature block to measure (SAM-ON's
+      ``perturbation_mask`` forms: a pytree of bools like params, a
+      function ``params -> pytree of bools``, or a predicate
+      ``(path, leaf) -> bool``): the helper measures the diagonal block
+      :math:`C_{SS}` of the selected leaves S, the others held fixed; vectors
+      in the result are like params, zero outside S. None: every leaf.
+    per_leaf: measure each selected leaf's own diagonal block in one call
+      and return a pytree like params whose selected leaves hold that
+      leaf's result (unselected ones None); vectors there are like the leaf.
   Returns:
     A `HessianTrace` (trace, standard_error); NaN when L(w) or the Hessian
     is NaN.
@@ -749,6 +780,7 @@ class SpectralDensity(NamedTuple):
   weights: jax.Array
 
 
+@blocks.selectable
 def hessian_spectral_density(
     loss_fn: Callable[..., Any],
     params: PyTree,
@@ -818,6 +850,15 @@ def hessian_spectral_density(
       batch, identical on every device: one all-reduce per loss, gradient
       or curvature product), or ``sam_optax.Chunks(m, shared=True)`` (the
       batch accumulated over chunks of m examples, memory of one chunk).
+    select: which leaves' curvature block to measure (SAM-ON's
+      ``perturbation_mask`` forms: a pytree of bools like params, a
+      function ``params -> pytree of bools``, or a predicate
+      ``(path, leaf) -> bool``): the helper measures the diagonal block
+      :math:`C_{SS}` of the selected leaves S, the others held fixed; vectors
+      in the result are like params, zero outside S. None: every leaf.
+    per_leaf: measure each selected leaf's own diagonal block in one call
+      and return a pytree like params whose selected leaves hold that
+      leaf's result (unselected ones None); vectors there are like the leaf.
   Returns:
     A `SpectralDensity` (grid, density, nodes, weights); all NaN when L(w)
     or the Hessian is NaN.
