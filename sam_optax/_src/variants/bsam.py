@@ -247,13 +247,66 @@ def bsam(
 
   **As the authors' JAX code** (team-approx-bayes/bayesian-sam, ``optim.py``
   ``build_bsam_optimizer``, with their ``wdecay = priorprec / Ndata`` as
-  :math:`\delta` and ``lrfactor`` as a schedule of ``learning_rate``), for one
-  perturbation per step (their ``batchsplit=1``; their m-sharpness split is
-  not offered here). **pytorch-optimizer's ``BSAM`` differs** and is not
-  followed: its noise has standard deviation, not variance, ``1 / (N s)``;
-  it never restores the weights, so the perturbation and the noise stay in
-  them; its momentum averages ``weight_decay * g`` instead of the gradient
-  plus :math:`\delta w`; and it squares the precision's update.
+  :math:`\delta` and ``lrfactor`` as a schedule of ``learning_rate``).
+  **pytorch-optimizer's ``BSAM`` differs** and is not followed: its noise
+  has standard deviation, not variance, ``1 / (N s)``; it never restores the
+  weights, so the perturbation and the noise stay in them; its momentum
+  averages ``weight_decay * g`` instead of the gradient plus
+  :math:`\delta w`; and it squares the precision's update.
+
+  **Layouts** (``layout=``, as for every transformation of the library). A
+  *group* is what gets one noise sample and one perturbation; for groups
+  :math:`k = 1..K` with their own examples and noise :math:`\xi_k`, each
+  takes its own :math:`g_k = \nabla L_k(\theta_k)` and
+  :math:`g_{\epsilon,k} = \nabla L_k(w + \rho\, g_k / s)`, and the update
+  above consumes the means
+
+  .. math::
+
+    g_\epsilon = \tfrac1K \textstyle\sum_k g_{\epsilon,k}, \qquad
+    \sqrt{s\, g^2} \to \tfrac1K \textstyle\sum_k \sqrt{s\, g_k^2}.
+
+  This is the authors' m-sharpness: their ``msharpness`` (``--batchsplit``,
+  8 in their runs) reshapes the minibatch into that many sub-batches,
+  ``jax.vmap`` gives each its own key from ``jax.random.split(rngkey,
+  msharpness + 1)``, its own noisy sample, ``g``, ascent and ``g_eps``, and
+  averages ``gs = sqrt(s g^2)`` (for the precision) and ``g_eps`` (for the
+  momentum) over the sub-batches. They run on one device under ``jax.jit``
+  (their m-sharpness "on one GPU"; ``train.py`` has no ``pmap``), so
+  `PerDevice` applies the same rule with a device as a group. Here
+  ``Chunks(m)`` counts examples per chunk (their batch of 200 in 8 splits
+  is ``Chunks(25)``), and the keys differ: each step splits
+  ``key, sub = jax.random.split(key)`` and
+
+  * ``None``: one group, the whole batch, noise from ``sub``.
+  * ``Chunks(m)``: chunk i of m examples draws its noise from
+    ``fold_in(sub, i)``; ``mode='sequential'`` (``lax.scan``, memory of one
+    chunk), ``'vectorized'`` (``vmap``, as the authors) or
+    `sam_optax.mesh_chunks`. bSAM takes both its gradients on each chunk, so
+    chunks cost no extra pass.
+  * ``Chunks(m, shared=True)``: one group, noise from ``sub``; ``g``, ``g_eps``
+    and the loss accumulated over the chunks (the full batch's, at the memory
+    of one chunk).
+  * ``PerDevice(axis)`` inside `jax.pmap` / `jax.shard_map`: device d draws
+    its noise from ``fold_in(sub, d)`` (d = ``axis_index(axis)``) and takes
+    its own ``g`` and ``g_eps`` on its examples; ``g_eps``,
+    ``sqrt(s g^2)``, the loss and ``||g||`` are averaged over the axis in
+    one all-reduce, so the state stays the same on every device.
+    ``sync=True``: one noise sample (from ``sub``) on every device and ``g``
+    averaged over the axis before the ascent (one more all-reduce): bSAM on
+    the global batch; with ``groups=``, each group of devices draws from
+    ``fold_in(sub, group number)`` and averages ``g`` inside the group.
+    ``chunks=Chunks(m)`` splits each device's batch again (chunk i of device
+    d: ``fold_in(fold_in(sub, d), i)``); ``chunks=Chunks(m, shared=True)``
+    accumulates the device's gradients (and composes with ``sync``). Inside
+    ``jax.shard_map`` every gradient is taken at weights marked varying over
+    the axis; the incoming ``updates`` may be the replicated ``params``.
+
+  ``perturbed_loss`` and ``grad_norm`` are the means over the groups of
+  :math:`L_k(w + \rho g_k / s)` and :math:`\|g_k\|`. Only the noise keys and
+  the averaged quantities are bSAM's own; the splitting into chunks and the
+  device averaging are the library's (`sam_optax.Chunks`,
+  `sam_optax.PerDevice`).
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -284,6 +337,8 @@ def bsam(
     s_init: the initial precision, > 0.
     seed: the seed of the noise's PRNG key.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    layout: ``None`` (one device, the whole batch, one noise sample), a
+      `sam_optax.Chunks` or a `sam_optax.PerDevice` (see Layouts above).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a `BSAMState`.
