@@ -8,6 +8,7 @@ its ``msharpness`` sub-batches), never with the transformation under test.
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -266,6 +267,17 @@ def test_chunks_with_batch_argnames_leave_other_arguments_whole():
   assert_matches((params, state), want('chunks8'))
 
 
+def test_chunks_keep_bfloat16_params_and_a_float32_state():
+  params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), PARAMS)
+  tx = sam_optax.bsam(loss_fn, **HP, layout=sam_optax.Chunks(8))
+  updates, state = jax.jit(tx.update)(params, tx.init(params), params,
+                                      x=XS[0], y=YS[0])
+  assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(updates))
+  for leaf in jax.tree.leaves((state.momentum, state.precision)):
+    assert leaf.dtype == jnp.float32
+  assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+
+
 # --------------------------------------------------------------- devices --
 
 DEVICE_LAYOUTS = {
@@ -299,6 +311,27 @@ def test_shard_map(name):
 def test_shard_map_without_vma_checks():
   assert_matches(run_shard_map(sam_optax.PerDevice('d'), check_vma=False),
                  want('per_device'))
+
+
+ALL_REDUCE = re.compile(r'\ball-reduce(?:-start)?\(')
+
+
+def shard_map_step_of(layout):
+  tx = sam_optax.bsam(loss_fn, **HP, layout=layout)
+  step = jax.jit(jax.shard_map(
+      lambda p, st, x, y: tx.update(p, st, p, x=x, y=y), mesh=MESH,
+      in_specs=(P(), P(), P('d'), P('d')), out_specs=(P(), P())))
+  params, state = jax.device_put((PARAMS, tx.init(PARAMS)), REPLICATED)
+  x, y = jax.device_put((XS[0], YS[0]), SPLIT)
+  return len(ALL_REDUCE.findall(
+      step.lower(params, state, x, y).compile().as_text()))
+
+
+def test_one_all_reduce_per_step_and_one_more_with_sync():
+  # Per device: g_eps, sqrt(s g^2), the loss and ||g|| in one all-reduce,
+  # like data-parallel SGD's; sync=True adds the average of g.
+  assert shard_map_step_of(sam_optax.PerDevice('d')) == 1
+  assert shard_map_step_of(sam_optax.PerDevice('d', sync=True)) == 2
 
 
 # ---------------------------------------------------------------- errors --
