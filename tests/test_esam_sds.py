@@ -275,3 +275,17 @@ def test_bad_gamma_is_a_clear_error(gamma):
 def test_bad_batch_argnames_is_a_clear_error():
   with pytest.raises(ValueError, match='batch_argnames must be a tuple'):
     sam_optax.esam(loss_fn, gamma=0.5, batch_argnames='x')
+
+
+def test_a_nan_sharpness_makes_the_update_nan():
+  # Example 0's loss is finite at w but NaN at w + eps (w - rho < c_0).
+  def root_loss(params, c):
+    return -jnp.mean(jnp.sqrt(params['w'] - c))
+
+  params = {'w': jnp.asarray(1.0)}
+  c = jnp.asarray([0.95, 0.0, 0.1, 0.2])
+  grads = jax.grad(root_loss)(params, c)
+  tx = sam_optax.esam(root_loss, rho=0.1, beta=1.0, gamma=0.5)
+  out, state = tx.update(grads, tx.init(params), params, c=c)
+  assert np.isfinite(float(grads['w']))
+  assert np.isnan(float(out['w'])) and np.isnan(float(state.sharpness))
