@@ -18,7 +18,6 @@ per-leaf results -- PyHessian's layer-wise spectrum in one call.
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import Any, Callable
 
 import jax
@@ -100,7 +99,12 @@ def _selected(owner: str, select: Any, leaves: list, params: PyTree):
 
 
 def selectable(helper: Callable[..., Any]) -> Callable[..., Any]:
-  """Adds ``select=`` and ``per_leaf=`` to a spectral helper."""
+  """Runs a spectral helper on the blocks that ``select=`` / ``per_leaf=`` ask.
+
+  The helper declares both options (so its signature and docs show them)
+  and never reads them: this wrapper consumes them and calls it with the
+  defaults, on the whole model or on each block's restricted loss.
+  """
   owner = helper.__name__
 
   @functools.wraps(helper)
@@ -129,13 +133,4 @@ def selectable(helper: Callable[..., Any]) -> Callable[..., Any]:
       per_leaf_results[group[0]] = out
     return jax.tree.unflatten(treedef, per_leaf_results)
 
-  signature = inspect.signature(helper)
-  options = [
-      inspect.Parameter('select', inspect.Parameter.KEYWORD_ONLY,
-                        default=None),
-      inspect.Parameter('per_leaf', inspect.Parameter.KEYWORD_ONLY,
-                        default=False),
-  ]
-  wrapper.__signature__ = signature.replace(
-      parameters=list(signature.parameters.values()) + options)
   return wrapper
