@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import sam_optax
 from sam_optax import sharpness
 
 # --- the tiny model: weighted least squares, 8 parameters -------------------
@@ -275,6 +276,23 @@ ROWS = {
         _measure(sharpness.hessian_trace, num_samples=24, method='hutch++',
                  curvature=sharpness.EmpiricalFisher(per_example_loss)),
         lambda out: out.trace, ref_fisher_trace),
+    # Per-layer blocks: flat order b (0:2), w (2:8), as np_hessian's.
+    'hessian_top_eigenvalue[per_leaf]': Row(
+        _measure(sharpness.hessian_top_eigenvalue, per_leaf=True),
+        lambda out: jnp.stack([out['b'].eigenvalue, out['w'].eigenvalue]),
+        lambda z, kw: exact([dominant(np_hessian(kw)[:2, :2]),
+                             dominant(np_hessian(kw)[2:, 2:])], rtol=1e-3)),
+    'hessian_trace[select]': Row(
+        # The w block has n = 6 = k: Hutch++ is exact.
+        _measure(sharpness.hessian_trace, num_samples=18, method='hutch++',
+                 select={'b': False, 'w': True}),
+        lambda out: out.trace,
+        lambda z, kw: exact(np.trace(np_hessian(kw)[2:, 2:]))),
+    # layout=: the batch accumulated over chunks of 2 is the whole batch.
+    'sam_sharpness[chunks]': Row(
+        _measure(sharpness.sam_sharpness, rho=0.1,
+                 layout=sam_optax.Chunks(2, shared=True)),
+        lambda out: out, lambda z, kw: exact(sam_gain(z, kw, 0.1))),
     'hessian_spectral_density': Row(
         # With m = n Lanczos steps the quadrature nodes are the eigenvalues.
         _measure(sharpness.hessian_spectral_density, num_lanczos=8,
