@@ -76,7 +76,9 @@ def configs(total_steps):
       'random SAM p=0.25': (lambda l: sam_optax.random_sam(
           l, rho=0.15, p=0.25), None),
       'MSAM rho=1.0': (lambda l: sam_optax.msam(l, rho=1.0), 1.0),
-      'ESAM beta=0.5': (lambda l: sam_optax.esam(l, rho=0.15), 2.0),
+      'ESAM SWP beta=0.5': (lambda l: sam_optax.esam(
+          l, rho=0.15, gamma=1.0), 2.0),
+      'ESAM SWP+SDS': (lambda l: sam_optax.esam(l, rho=0.15), 1.5),
   }
 
 

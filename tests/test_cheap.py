@@ -182,7 +182,8 @@ def test_esam_matches_its_equations():
     scale = np.concatenate([np.full(4, keep[1]), [keep[0]]]) / 0.5
     return grad_np(w + 0.3 * scale * unit(g0)), True
 
-  got, _ = run(sam_optax.esam(loss_fn, rho=0.3, beta=0.5, seed=2))
+  got, _ = run(sam_optax.esam(loss_fn, rho=0.3, beta=0.5, gamma=1.0,
+                                 seed=2))
   want, _ = reference(handed_on)
   np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
 

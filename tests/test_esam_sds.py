@@ -190,12 +190,7 @@ def test_the_selected_sharpness_is_the_mean_of_the_top_k():
 @pytest.mark.parametrize('beta', [1.0, 0.5])
 def test_gamma_one_is_swp_alone_exactly(beta):
   tx = sam_optax.esam(loss_fn, rho=RHO, beta=beta, gamma=1.0, seed=1)
-  default = sam_optax.esam(loss_fn, rho=RHO, beta=beta, seed=1)
   got, state = run(tx)
-  want, _ = run(default)
-  for a, b in zip(got, want):
-    for x, y in zip(a, b):
-      np.testing.assert_array_equal(x, y)
   assert np.isnan(float(state.sharpness))  # not measured
   assert_history(got, reference(1.0, beta, seed=1))
   # Statically no selection machinery: no top_k, no per-example vmap.

@@ -219,3 +219,12 @@ def test_nan_on_one_device_is_nan_everywhere():
           layout=PER_DEVICE).trace,
       mesh=MESH, in_specs=(P('d'), P('d')), out_specs=P())
   assert np.isnan(jax.jit(fn)(*split(bad, Y)))
+
+
+@pytest.mark.parametrize('helper', [sharpness.hessian_trace,
+                                    sharpness.m_sharpness])
+def test_per_device_outside_pmap_is_an_error(helper):
+  args = (4,) if helper is sharpness.m_sharpness else ()
+  with pytest.raises(ValueError, match="no such axis is bound"):
+    helper(loss_fn, PARAMS, *args, loss_kwargs={'x': X, 'y': Y},
+           layout=PER_DEVICE)

@@ -123,7 +123,23 @@ def check_layout(owner: str, layout: Any) -> layouts.Layout:
         f' Chunks({chunks.m}, shared=True) to accumulate the batch over chunks'
         f' (memory of one chunk), or sharpness.m_sharpness(..., m={chunks.m})'
         ' for the mean of per-chunk measurements.')
+  if isinstance(layout, layouts.PerDevice):
+    check_bound(owner, layout)
   return layout
+
+
+def check_bound(owner: str, layout: layouts.PerDevice) -> None:
+  """A PerDevice axis must be bound: the helper runs inside pmap/shard_map."""
+  for axis in layout.axes:
+    try:
+      jax.lax.axis_size(axis)
+    except NameError as error:
+      raise ValueError(
+          f'{owner}: layout={layout!r} measures a batch sharded over axis'
+          f' {axis!r} of jax.pmap / jax.shard_map, but no such axis is bound'
+          ' here. Call the helper inside pmap(..., axis_name=...) /'
+          ' shard_map over that axis, or use layout=None on one device.'
+      ) from error
 
 
 def check_loss_output(owner: str, out: Any, has_aux: bool) -> Any:

@@ -897,4 +897,5 @@ def _device_axes(owner: str, layout: Any) -> tuple:
         ' the layout only says which axis the batch is sharded over. Use'
         ' layout=None on one device or sam_optax.PerDevice(axis) inside'
         ' pmap / shard_map.')
+  objective_lib.check_bound(owner, layout)
   return layout.axes

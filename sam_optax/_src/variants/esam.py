@@ -114,7 +114,7 @@ def esam(
     loss_fn: Callable[..., Any],
     rho: variant_lib.ScalarOrSchedule = 0.05,
     beta: variant_lib.ScalarOrSchedule = 0.5,
-    gamma: float = 1.0,
+    gamma: float = 0.5,
     *,
     seed: int = 0,
     batch_argnames: Optional[Sequence[str]] = None,
@@ -169,9 +169,8 @@ def esam(
   (dydjw9/Efficient_SAM, ``utils/Esam.py``) defaults to ``beta=1,
   gamma=1`` (SAM); their scripts (``run.sh``) and the paper use
   ``beta=0.5`` (0.6 for ResNet-18) and ``gamma=0.5``, ``rho`` 0.05-0.2.
-  Here ``beta`` defaults to 0.5 and ``gamma`` to 1 (SDS off, so an existing
-  ``esam(loss_fn)`` keeps its meaning); pass ``gamma=0.5`` for the paper's
-  SDS. Where the authors' code and the paper differ:
+  Here ``beta`` and ``gamma`` default to the paper's 0.5; ``gamma=1`` turns
+  SDS off. Where the authors' code and the paper differ:
 
   - :math:`L_i` is the per-example loss of the model's forward pass (their
     ``loss_fct`` with ``reduction='none'``), and :math:`L_{B^+}` the mean
@@ -188,8 +187,10 @@ def esam(
     (``requires_grad=False``), which also leaves those leaves out of the
     next clean gradient, so their norm :math:`\|g_0\|` is over the
     perturbed leaves only; here the mask is drawn from the key at each step
-    and the norm is over every leaf (SAM's direction, then masked), as this
-    transformation did before SDS existed. Not followed, for that reason.
+    and the norm is over every leaf (SAM's direction, then masked), so
+    that the perturbation is SAM's in expectation,
+    :math:`\mathbb{E}[m_l / \beta] = 1`, as the paper's SWP states. Not
+    followed, for that reason.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, sam_optax
