@@ -228,3 +228,14 @@ def test_per_device_outside_pmap_is_an_error(helper):
   with pytest.raises(ValueError, match="no such axis is bound"):
     helper(loss_fn, PARAMS, *args, loss_kwargs={'x': X, 'y': Y},
            layout=PER_DEVICE)
+
+
+def test_per_device_over_batches():
+  """batches= on sharded data: the dataset loss of the global batches."""
+  halves = [{'x': X[:16], 'y': Y[:16]}, {'x': X[16:], 'y': Y[16:]}]
+  call = lambda bs, layout: sharpness.hessian_trace(
+      loss_fn, PARAMS, num_samples=4, key=KEY, batches=bs, layout=layout)
+  fn = jax.shard_map(lambda bs: call(bs, PER_DEVICE), mesh=MESH,
+                     in_specs=(P('d'),), out_specs=P())
+  got = jax.jit(fn)(jax.device_put(halves, NamedSharding(MESH, P('d'))))
+  close(got, jax.jit(lambda bs: call(bs, None))(halves))
