@@ -9,7 +9,9 @@ starting configuration rotating), seed after seed; an epoch's time is
 measured around the compiled call only. x SGD is the median, over every
 timed round, of the epoch time over SGD's in the same round. Gradients per
 step: 1 for SGD and msam (checked in the compiled HLO's dot count), 2 for
-SAM and esam, 1 + the measured fraction of SAM steps for the others.
+SAM and esam's SWP alone, 1.5 for esam with data selection (the re-gradient
+on half the batch, plus two per-example forward passes not counted), 1 + the
+measured fraction of SAM steps for the others.
 
 Then the winner (the most accurate configuration at <= 1.25x SGD; if none,
 the fastest keeping >= 90 % of SAM's gain) is run
