@@ -19,6 +19,7 @@ from sam_optax._src.core import tree_math
 from sam_optax._src.core import validation
 from sam_optax._src.sharpness import blocks
 from sam_optax._src.sharpness import curvature as curvature_lib
+from sam_optax._src.sharpness import loops
 from sam_optax._src.sharpness import objective as objective_lib
 
 PyTree = Any
@@ -46,7 +47,9 @@ class _FlatOperator:
 
 
 def _operator(owner, loss_fn, params, loss_kwargs, batches, has_aux,
-              curvature='hessian', layout=None):
+              curvature='hessian', layout=None, unroll=False):
+  """The flat operator; ``op.unroll`` is the resolved loop form."""
+  loops.check_unroll(owner, unroll)
   curvature = curvature_lib.check_curvature(owner, curvature)
   obj = objective_lib.Objective(
       owner, loss_fn, params, loss_kwargs=loss_kwargs, batches=batches,
@@ -54,6 +57,10 @@ def _operator(owner, loss_fn, params, loss_kwargs, batches, has_aux,
   op = _FlatOperator(obj, params, curvature)
   if op.size == 0:
     raise ValueError(f'{owner}: params has no entries; there is no Hessian.')
+  # Decided on the compact form (the scan over batches= included), then the
+  # objective's scan follows the choice.
+  op.unroll = loops.resolve(unroll, op, op.size)
+  obj.unroll = op.unroll
   return op
 
 
@@ -161,13 +168,18 @@ def _rayleigh(op: _FlatOperator, v: jax.Array):
 
 
 def _power_iteration(op: _FlatOperator, v0: jax.Array, num_iterations: int,
-                     tol: jax.Array):
+                     tol: jax.Array, unroll: bool = False):
   """(v, lambda, steps, converged): power iteration with a residual test.
 
   A stable Rayleigh quotient alone is no proof: with eigenvalues +mu and -mu
   the iterate swings between two vectors whose Rayleigh quotients are equal
   (and wrong), so the residual must be small too. The residual converges
   like the square root of the Rayleigh quotient, hence ``sqrt(tol)``.
+
+  ``unroll``: all ``num_iterations`` steps traced in, the state frozen after
+  the stop (`loops.while_frozen`), and the split of ``_opposite_pair``
+  computed unconditionally and selected (a `lax.cond` branch is a loop body
+  for XLA:CPU's convolutions); equal to the while loop up to rounding.
   """
   residual_tol = jnp.sqrt(tol)
 
@@ -189,10 +201,17 @@ def _power_iteration(op: _FlatOperator, v0: jax.Array, num_iterations: int,
 
   init = (jnp.zeros([], jnp.int32), v0, jnp.zeros([], jnp.float32),
           jnp.zeros([], bool))
-  steps, v, eigenvalue, converged = jax.lax.while_loop(cond, body, init)
-  v, eigenvalue, converged = jax.lax.cond(
-      converged, lambda: (v, eigenvalue, converged),
-      lambda: _opposite_pair(op, v, residual_tol))
+  steps, v, eigenvalue, converged = loops.while_frozen(
+      cond, body, init, num_iterations, unroll)
+  if unroll:
+    split = _opposite_pair(op, v, residual_tol)
+    v, eigenvalue, converged = jax.tree.map(
+        lambda a, b: jnp.where(converged, a, b), (v, eigenvalue, converged),
+        split)
+  else:
+    v, eigenvalue, converged = jax.lax.cond(
+        converged, lambda: (v, eigenvalue, converged),
+        lambda: _opposite_pair(op, v, residual_tol))
   return v, eigenvalue, steps, converged
 
 
@@ -237,6 +256,7 @@ def hessian_top_eigenvalue(
     has_aux: bool = False,
     layout: Any = None,
     curvature: Any = 'hessian',
+    unroll: Optional[bool] = None,
 ) -> HessianTopEigenvalue:
   r"""The dominant Hessian eigenvalue and its eigenvector, by power iteration.
 
@@ -307,6 +327,19 @@ def hessian_top_eigenvalue(
     per_leaf: measure each selected leaf's own diagonal block in one call
       and return a pytree like params whose selected leaves hold that
       leaf's result (unselected ones None); vectors there are like the leaf.
+    unroll: how the loop over curvature products is compiled: ``False``, a
+      `jax.lax` loop (compact; compile time independent of the count);
+      ``True``, a Python loop traced into the program (all ``num_iterations``
+      steps run, the state frozen by `jnp.where` after the stop;
+      ``num_iterations`` in the result is still the step at which it stopped);
+      ``None`` (the default), ``True`` exactly when the default backend is CPU
+      and one product contains a convolution (``lax.conv_general_dilated`` in
+      its jaxpr), since XLA:CPU runs a convolution in a loop body 10-40x
+      slower (https://github.com/jax-ml/jax/issues/12868); matmul models and
+      GPU / TPU keep the loop. Unrolled, compile time grows with the count
+      (``num_iterations=100`` traces 103 HVPs): lower it, or pass
+      ``unroll=False``, when compiling dominates. Both forms agree up to
+      rounding; a value that is not None or a bool is a TypeError.
   Returns:
     A `HessianTopEigenvalue` (eigenvalue, eigenvector, num_iterations,
     converged).
@@ -332,11 +365,11 @@ def hessian_top_eigenvalue(
       owner, 'num_iterations', num_iterations, 1)
   validation.check_number(owner, 'tolerance', tolerance)
   op = _operator(owner, loss_fn, params, loss_kwargs, batches, has_aux,
-                 curvature, layout)
+                 curvature, layout, unroll)
   key = objective_lib.resolve_key(key)
   v0 = _unit(jax.random.normal(key, (op.size,), jnp.float32))
   v, eigenvalue, steps, converged = _power_iteration(
-      op, v0, num_iterations, jnp.asarray(tolerance, jnp.float32))
+      op, v0, num_iterations, jnp.asarray(tolerance, jnp.float32), op.unroll)
   return HessianTopEigenvalue(
       eigenvalue=eigenvalue, eigenvector=op.unravel(v), num_iterations=steps,
       converged=converged)
@@ -347,6 +380,7 @@ def lanczos(
     start: jax.Array,
     num_steps: int,
     key: jax.Array,
+    unroll: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Lanczos tridiagonalization with full reorthogonalization.
 
@@ -358,6 +392,9 @@ def lanczos(
       invariant (beta ~ 0), the basis continues with a random vector
       orthogonal to it and a zero off-diagonal, so the tridiagonal matrix
       stays exact (block diagonal) instead of filling with spurious zeros.
+    unroll: a Python loop with static indices instead of `lax.fori_loop`
+      (`loops.fori`): fast convolutions on XLA:CPU, compile time growing
+      with num_steps.
 
   Returns:
     (alphas (m,), betas (m - 1,), basis (m, n), residual_norm): the
@@ -408,8 +445,8 @@ def lanczos(
     return basis, alphas, betas, scale, residual_norm
 
   zero = jnp.zeros([], jnp.float32)
-  basis, alphas, betas, _, residual_norm = jax.lax.fori_loop(
-      0, num_steps, body, (basis, alphas, betas, zero, zero))
+  basis, alphas, betas, _, residual_norm = loops.fori(
+      0, num_steps, body, (basis, alphas, betas, zero, zero), unroll)
   return alphas, betas, basis, residual_norm
 
 
@@ -449,6 +486,7 @@ def hessian_eigenvalues(
     has_aux: bool = False,
     layout: Any = None,
     curvature: Any = 'hessian',
+    unroll: Optional[bool] = None,
 ) -> HessianEigenvalues:
   r"""The k extreme Hessian eigenvalues by Lanczos with full reorthogonalization.
 
@@ -512,6 +550,18 @@ def hessian_eigenvalues(
     per_leaf: measure each selected leaf's own diagonal block in one call
       and return a pytree like params whose selected leaves hold that
       leaf's result (unselected ones None); vectors there are like the leaf.
+    unroll: how the loop over curvature products is compiled: ``False``, a
+      `jax.lax` loop (compact; compile time independent of the count);
+      ``True``, a Python loop traced into the program (the Lanczos steps with
+      static indices); ``None`` (the default), ``True`` exactly when the
+      default backend is CPU and one product contains a convolution
+      (``lax.conv_general_dilated`` in its jaxpr), since XLA:CPU runs a
+      convolution in a loop body 10-40x slower
+      (https://github.com/jax-ml/jax/issues/12868); matmul models and GPU /
+      TPU keep the loop. Unrolled, compile time grows with the count
+      (``num_iterations`` HVPs, e.g. 100 for ``num_iterations=100``): lower
+      it, or pass ``unroll=False``, when compiling dominates. Both forms agree
+      up to rounding; a value that is not None or a bool is a TypeError.
   Returns:
     A `HessianEigenvalues` (eigenvalues, eigenvectors, residuals).
 
@@ -541,7 +591,7 @@ def hessian_eigenvalues(
         f' {which!r}.'
     )
   op = _operator(owner, loss_fn, params, loss_kwargs, batches, has_aux,
-                 curvature, layout)
+                 curvature, layout, unroll)
   n = op.size
   if k > n:
     raise ValueError(
@@ -562,7 +612,7 @@ def hessian_eigenvalues(
   start_key, restart_key = jax.random.split(key)
   start = jax.random.normal(start_key, (n,), jnp.float32)
   alphas, betas, basis, residual_norm = lanczos(op, start, num_iterations,
-                                                restart_key)
+                                                restart_key, op.unroll)
   ritz_values, ritz_coords = jnp.linalg.eigh(_tridiagonal(alphas, betas))
   if which == 'largest':
     order = jnp.argsort(-ritz_values)
@@ -609,7 +659,7 @@ def _hutchinson(op: _FlatOperator, key: jax.Array, num_samples: int):
     return jnp.vdot(v, op(v))
 
   return _mean_and_error(
-      jax.lax.map(probe, jax.random.split(key, num_samples)))
+      loops.map(probe, jax.random.split(key, num_samples), op.unroll))
 
 
 def _hutch_plus_plus(op: _FlatOperator, key: jax.Array, num_samples: int):
@@ -617,8 +667,8 @@ def _hutch_plus_plus(op: _FlatOperator, key: jax.Array, num_samples: int):
   k = min(num_samples // 3, op.size)
   sketch_key, probe_key = jax.random.split(key)
   sketch = jax.random.rademacher(sketch_key, (k, op.size), jnp.float32)
-  q, _ = jnp.linalg.qr(jax.lax.map(op, sketch).T)  # (n, k), orthonormal
-  low_rank = jnp.sum(q * jax.lax.map(op, q.T).T)  # tr(Q^T H Q)
+  q, _ = jnp.linalg.qr(loops.map(op, sketch, op.unroll).T)  # (n, k)
+  low_rank = jnp.sum(q * loops.map(op, q.T, op.unroll).T)  # tr(Q^T H Q)
   num_probes = num_samples - 2 * k
 
   def probe(one_key):
@@ -627,7 +677,7 @@ def _hutch_plus_plus(op: _FlatOperator, key: jax.Array, num_samples: int):
     return jnp.vdot(g, op(g))
 
   rest, error = _mean_and_error(
-      jax.lax.map(probe, jax.random.split(probe_key, num_probes)))
+      loops.map(probe, jax.random.split(probe_key, num_probes), op.unroll))
   return low_rank + rest, error
 
 
@@ -648,6 +698,7 @@ def hessian_trace(
     has_aux: bool = False,
     layout: Any = None,
     curvature: Any = 'hessian',
+    unroll: Optional[bool] = None,
 ) -> HessianTrace:
   r"""The Hessian trace by Hutchinson's estimator or by Hutch++.
 
@@ -720,6 +771,18 @@ def hessian_trace(
     per_leaf: measure each selected leaf's own diagonal block in one call
       and return a pytree like params whose selected leaves hold that
       leaf's result (unselected ones None); vectors there are like the leaf.
+    unroll: how the loop over curvature products is compiled: ``False``, a
+      `jax.lax` loop (compact; compile time independent of the count);
+      ``True``, a Python loop traced into the program (the probes one after
+      another); ``None`` (the default), ``True`` exactly when the default
+      backend is CPU and one product contains a convolution
+      (``lax.conv_general_dilated`` in its jaxpr), since XLA:CPU runs a
+      convolution in a loop body 10-40x slower
+      (https://github.com/jax-ml/jax/issues/12868); matmul models and GPU /
+      TPU keep the loop. Unrolled, compile time grows with the count
+      (``num_samples`` HVPs, 64 by default): lower it, or pass
+      ``unroll=False``, when compiling dominates. Both forms agree up to
+      rounding; a value that is not None or a bool is a TypeError.
   Returns:
     A `HessianTrace` (trace, standard_error); NaN when L(w) or the Hessian
     is NaN.
@@ -756,7 +819,7 @@ def hessian_trace(
         f' product and one probe), got {num_samples}; raise num_samples or'
         " use method='hutchinson'.")
   op = _operator(owner, loss_fn, params, loss_kwargs, batches, has_aux,
-                 curvature, layout)
+                 curvature, layout, unroll)
   trace, error = estimate(op, objective_lib.resolve_key(key), num_samples)
   return HessianTrace(trace=trace, standard_error=error)
 
@@ -795,6 +858,7 @@ def hessian_spectral_density(
     has_aux: bool = False,
     layout: Any = None,
     curvature: Any = 'hessian',
+    unroll: Optional[bool] = None,
 ) -> SpectralDensity:
   r"""The Hessian eigenvalue density by stochastic Lanczos quadrature.
 
@@ -859,6 +923,18 @@ def hessian_spectral_density(
     per_leaf: measure each selected leaf's own diagonal block in one call
       and return a pytree like params whose selected leaves hold that
       leaf's result (unselected ones None); vectors there are like the leaf.
+    unroll: how the loop over curvature products is compiled: ``False``, a
+      `jax.lax` loop (compact; compile time independent of the count);
+      ``True``, a Python loop traced into the program (the probes and their
+      Lanczos steps); ``None`` (the default), ``True`` exactly when the
+      default backend is CPU and one product contains a convolution
+      (``lax.conv_general_dilated`` in its jaxpr), since XLA:CPU runs a
+      convolution in a loop body 10-40x slower
+      (https://github.com/jax-ml/jax/issues/12868); matmul models and GPU /
+      TPU keep the loop. Unrolled, compile time grows with the count
+      (``num_probes * num_lanczos`` HVPs, 128 by default): lower it, or pass
+      ``unroll=False``, when compiling dominates. Both forms agree up to
+      rounding; a value that is not None or a bool is a TypeError.
   Returns:
     A `SpectralDensity` (grid, density, nodes, weights); all NaN when L(w)
     or the Hessian is NaN.
@@ -887,18 +963,19 @@ def hessian_spectral_density(
   grid_size = validation.check_static_int(owner, 'grid_size', grid_size, 2)
   validation.check_number(owner, 'bandwidth', bandwidth, allow_zero=False)
   op = _operator(owner, loss_fn, params, loss_kwargs, batches, has_aux,
-                 curvature, layout)
+                 curvature, layout, unroll)
   m = min(num_lanczos, op.size)
   key = objective_lib.resolve_key(key)
 
   def one_probe(probe_key):
     start_key, restart_key = jax.random.split(probe_key)
     start = jax.random.rademacher(start_key, (op.size,), jnp.float32)
-    alphas, betas, _, _ = lanczos(op, start, m, restart_key)
+    alphas, betas, _, _ = lanczos(op, start, m, restart_key, op.unroll)
     nodes, vectors = jnp.linalg.eigh(_tridiagonal(alphas, betas))
     return nodes, jnp.square(vectors[0])
 
-  nodes, weights = jax.lax.map(one_probe, jax.random.split(key, num_probes))
+  nodes, weights = loops.map(one_probe, jax.random.split(key, num_probes),
+                             op.unroll)
   low, high = jnp.min(nodes), jnp.max(nodes)
   spread = high - low
   width = bandwidth * jnp.where(
