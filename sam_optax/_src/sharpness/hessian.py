@@ -268,7 +268,8 @@ def hessian_top_eigenvalue(
   from a random unit :math:`v_0`, stopping when
   :math:`|\lambda_k - \lambda_{k-1}| \le \mathrm{tol}\,|\lambda_k|` *and*
   :math:`r_k \le \sqrt{\mathrm{tol}}\,\|H v_k\|_2`, or after
-  ``num_iterations`` steps (a `jax.lax.while_loop`: one HVP per step).
+  ``num_iterations`` steps (a `jax.lax.while_loop`, or unrolled: see
+  ``unroll``; one HVP per step).
   Power iteration converges to the eigenvalue of largest *magnitude*; near a
   minimum that is the top (positive) eigenvalue :math:`\lambda_{\max}`. The
   residual test catches the case where the Rayleigh quotient is stable but
@@ -878,7 +879,8 @@ def hessian_spectral_density(
 
   The kernel width is ``s = bandwidth * (max theta - min theta)``; the grid
   spans the nodes with a margin of 5 s. Costs ``num_probes * num_lanczos``
-  HVPs (probes run one after another with `jax.lax.map`).
+  HVPs (probes run one after another: `jax.lax.map`, or a Python loop with
+  ``unroll``).
 
   Examples:
     >>> import jax.numpy as jnp
