@@ -82,7 +82,8 @@ def fori(lower: int, upper: int, body: Callable[[Any, Any], Any], init: Any,
   return state
 
 
-def map(fn: Callable[[Any], Any], xs: Any, unroll: bool) -> Any:  # pylint: disable=redefined-builtin
+def map(  # pylint: disable=redefined-builtin
+    fn: Callable[[Any], Any], xs: Any, unroll: bool) -> Any:
   """`lax.map` over the leading axis, or a Python loop stacking results.
 
   A Python loop, not `jax.vmap`: vmapping a convolution's derivative over
