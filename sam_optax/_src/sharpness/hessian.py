@@ -257,6 +257,8 @@ def hessian_top_eigenvalue(
     layout: Any = None,
     curvature: Any = 'hessian',
     unroll: Optional[bool] = None,
+    select: Any = None,  # select and per_leaf: see blocks.selectable
+    per_leaf: bool = False,
 ) -> HessianTopEigenvalue:
   r"""The dominant Hessian eigenvalue and its eigenvector, by power iteration.
 
@@ -488,6 +490,8 @@ def hessian_eigenvalues(
     layout: Any = None,
     curvature: Any = 'hessian',
     unroll: Optional[bool] = None,
+    select: Any = None,  # select and per_leaf: see blocks.selectable
+    per_leaf: bool = False,
 ) -> HessianEigenvalues:
   r"""The k extreme Hessian eigenvalues by Lanczos with full reorthogonalization.
 
@@ -700,6 +704,8 @@ def hessian_trace(
     layout: Any = None,
     curvature: Any = 'hessian',
     unroll: Optional[bool] = None,
+    select: Any = None,  # select and per_leaf: see blocks.selectable
+    per_leaf: bool = False,
 ) -> HessianTrace:
   r"""The Hessian trace by Hutchinson's estimator or by Hutch++.
 
@@ -860,6 +866,8 @@ def hessian_spectral_density(
     layout: Any = None,
     curvature: Any = 'hessian',
     unroll: Optional[bool] = None,
+    select: Any = None,  # select and per_leaf: see blocks.selectable
+    per_leaf: bool = False,
 ) -> SpectralDensity:
   r"""The Hessian eigenvalue density by stochastic Lanczos quadrature.
 
