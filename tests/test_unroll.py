@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import sam_optax
 from sam_optax import sharpness
 from sam_optax._src.sharpness import loops
 
@@ -158,6 +159,11 @@ def test_default_unrolls_the_cnn_only():
     helper = jax.jit(lambda p: sharpness.hessian_top_eigenvalue(
         loss, p, num_iterations=3,
         batches=[{'batch': batch}, {'batch': batch}]))
+    assert (product not in _in_loops(helper, params)) is unrolled, model
+    # layout=Chunks(m, shared=True): the chunk scan is unrolled too.
+    helper = lambda p: sharpness.hessian_trace(
+        loss, p, num_samples=3, loss_kwargs={'batch': batch},
+        layout=sam_optax.Chunks(2, shared=True))
     assert (product not in _in_loops(helper, params)) is unrolled, model
     # unroll=False keeps the loops.
     helper = lambda p: sharpness.hessian_trace(

@@ -142,6 +142,7 @@ def over_chunks(
     mask: dict[str, Any],
     chunks: int,
     mode: ChunkMode,
+    unroll: bool = False,
 ) -> tuple[PyTree, PyTree]:
   """Evaluates ``fn(chunk_kwargs) -> (averaged, stacked)`` on every chunk.
 
@@ -149,7 +150,9 @@ def over_chunks(
   leaves are float32 or wider) and ``stacked`` with a leading chunk axis.
   ``'sequential'`` runs the chunks in a `jax.lax.scan` whose only carry is the
   running sum (peak memory of one chunk); ``'vectorized'`` and `MeshChunks`
-  run them at once with `jax.vmap`.
+  run them at once with `jax.vmap`. ``unroll=True`` unrolls the sequential
+  scan (no loop body: XLA:CPU's convolutions keep their fast path, see the
+  sharpness helpers' ``unroll=``).
   """
   if isinstance(mode, mesh_lib.MeshChunks):
     if chunks % mode.size:
@@ -182,7 +185,7 @@ def over_chunks(
           lambda t, a: t + tree_math.wide(a).astype(t.dtype), total, averaged)
       return total, stacked
 
-    total, stacked = jax.lax.scan(body, zeros, xs)
+    total, stacked = jax.lax.scan(body, zeros, xs, unroll=unroll)
   else:
     in_axes = jax.tree.map(lambda b: 0 if b else None, mask)
     averaged, stacked = jax.vmap(fn, in_axes=(in_axes,))(split_kwargs)

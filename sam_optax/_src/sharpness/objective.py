@@ -272,7 +272,7 @@ class Objective:
         self.owner, kwargs, self._chunks.m, self._chunks.batch_argnames)
     mean, _ = batching.over_chunks(
         lambda chunk: (fn(chunk), ()), split, mask, num_chunks,
-        self._chunks.mode)
+        self._chunks.mode, unroll=self.unroll)
     return mean
 
   def _mean(self, fn: Callable[[dict], PyTree]) -> PyTree:
