@@ -198,7 +198,7 @@ def esam(
     ...   return jnp.mean((batch['x'] @ params['w'] - batch['y']) ** 2)
     >>> params = {'w': jnp.array([1.0, -0.5, 0.25])}
     >>> batch = {'x': jnp.eye(3), 'y': jnp.zeros(3)}
-    >>> tx = sam_optax.esam(loss_fn, rho=0.1, beta=1.0)
+    >>> tx = sam_optax.esam(loss_fn, rho=0.1, beta=1.0, gamma=1.0)  # SAM
     >>> sam = sam_optax.sam(loss_fn, rho=0.1)
     >>> grads = jax.grad(loss_fn)(params, batch=batch)
     >>> a, _ = tx.update(grads, tx.init(params), params, batch=batch)
