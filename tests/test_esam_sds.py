@@ -198,12 +198,13 @@ def test_gamma_one_is_swp_alone_exactly(beta):
   text = str(jax.make_jaxpr(tx.update)(grads, tx.init(PARAMS), PARAMS,
                                        x=X, y=Y))
   assert 'top_k' not in text
-  if beta == 1.0:  # and with beta = 1 it is SAM, bit for bit
+  if beta == 1.0:  # and with beta = 1 it is SAM (up to rounding: two
+    # programs)
     sam = sam_optax.sam(loss_fn, rho=RHO)
     a, _ = tx.update(grads, tx.init(PARAMS), PARAMS, x=X, y=Y)
     b, _ = sam.update(grads, sam.init(PARAMS), PARAMS, x=X, y=Y)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-      np.testing.assert_array_equal(x, y)
+      np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
 
 
 def test_every_example_selected_is_swp_up_to_rounding():

@@ -475,6 +475,35 @@ class HessianEigenvalues(NamedTuple):
   residuals: jax.Array
 
 
+def _krylov_size(owner: str, k: int, num_iterations, n: int) -> int:
+  """The checked Lanczos size m, k <= m <= n (default min(n, max(4k, 40)))."""
+  if k > n:
+    raise ValueError(
+        f'{owner}: k={k} is larger than the number of parameters n={n}; the'
+        f' Hessian has only {n} eigenvalues. Ask for k <= {n}.'
+    )
+  if num_iterations is None:
+    num_iterations = min(n, max(4 * k, 40))
+  num_iterations = validation.check_static_int(
+      owner, 'num_iterations', num_iterations, k)
+  if num_iterations > n:
+    raise ValueError(
+        f'{owner}: num_iterations={num_iterations} exceeds the number of'
+        f' parameters n={n}; the Krylov space has at most n dimensions. Use'
+        f' num_iterations <= {n}.'
+    )
+  return num_iterations
+
+
+def _ritz_order(ritz_values: jax.Array, which: str) -> jax.Array:
+  """Indices of the Ritz values in ``which`` order (+mu before -mu)."""
+  if which == 'largest':
+    return jnp.argsort(-ritz_values)
+  if which == 'smallest':
+    return jnp.argsort(ritz_values)
+  return jnp.lexsort((-ritz_values, -jnp.abs(ritz_values)))
+
+
 @blocks.selectable
 def hessian_eigenvalues(
     loss_fn: Callable[..., Any],
@@ -598,34 +627,14 @@ def hessian_eigenvalues(
   op = _operator(owner, loss_fn, params, loss_kwargs, batches, has_aux,
                  curvature, layout, unroll)
   n = op.size
-  if k > n:
-    raise ValueError(
-        f'{owner}: k={k} is larger than the number of parameters n={n}; the'
-        f' Hessian has only {n} eigenvalues. Ask for k <= {n}.'
-    )
-  if num_iterations is None:
-    num_iterations = min(n, max(4 * k, 40))
-  num_iterations = validation.check_static_int(
-      owner, 'num_iterations', num_iterations, k)
-  if num_iterations > n:
-    raise ValueError(
-        f'{owner}: num_iterations={num_iterations} exceeds the number of'
-        f' parameters n={n}; the Krylov space has at most n dimensions. Use'
-        f' num_iterations <= {n}.'
-    )
+  num_iterations = _krylov_size(owner, k, num_iterations, n)
   key = objective_lib.resolve_key(key)
   start_key, restart_key = jax.random.split(key)
   start = jax.random.normal(start_key, (n,), jnp.float32)
   alphas, betas, basis, residual_norm = lanczos(op, start, num_iterations,
                                                 restart_key, op.unroll)
   ritz_values, ritz_coords = jnp.linalg.eigh(_tridiagonal(alphas, betas))
-  if which == 'largest':
-    order = jnp.argsort(-ritz_values)
-  elif which == 'smallest':
-    order = jnp.argsort(ritz_values)
-  else:  # ties of +mu and -mu: +mu first.
-    order = jnp.lexsort((-ritz_values, -jnp.abs(ritz_values)))
-  order = order[:k]
+  order = _ritz_order(ritz_values, which)[:k]
   vectors = (basis.T @ ritz_coords[:, order]).T  # (k, n)
   return HessianEigenvalues(
       eigenvalues=ritz_values[order],
