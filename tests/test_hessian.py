@@ -381,3 +381,13 @@ def test_complex_params_and_has_aux_mismatch(name):
   with pytest.raises(TypeError, match=name + r':.*pass has_aux=True'):
     helper(lambda p, x, y: (mlp_loss(p, x, y), ()), PARAMS,
            loss_kwargs=BATCH)
+
+
+def test_top_eigenvalue_of_a_huge_curvature_does_not_overflow():
+  # H = diag(3e19, 1e19): |H v|^2 overflows float32 although |H v| fits.
+  curvatures = jnp.array([3e19, 1e19], jnp.float32)
+  loss_fn = lambda w: 0.5 * jnp.sum(curvatures * w ** 2)
+  top = sharpness.hessian_top_eigenvalue(loss_fn, jnp.zeros(2))
+  assert bool(top.converged)
+  np.testing.assert_allclose(float(top.eigenvalue), 3e19, rtol=1e-4)
+  np.testing.assert_allclose(np.abs(top.eigenvector), [1.0, 0.0], atol=1e-2)

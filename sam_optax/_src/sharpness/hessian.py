@@ -64,8 +64,18 @@ def _operator(owner, loss_fn, params, loss_kwargs, batches, has_aux,
   return op
 
 
+def norm(x: jax.Array) -> jax.Array:
+  """The 2-norm of a flat float32 vector, finite whenever the norm fits.
+
+  Scaled by the largest entry before squaring: squares of entries above
+  ~1.8e19 overflow float32 even where the norm itself is representable.
+  """
+  largest = jnp.max(jnp.abs(x), initial=0.0)
+  return largest * jnp.linalg.norm(x * tree_math.safe_inverse(largest))
+
+
 def _unit(x: jax.Array) -> jax.Array:
-  return x * tree_math.safe_inverse(jnp.linalg.norm(x))
+  return x * tree_math.safe_inverse(norm(x))
 
 
 def hessian_vector_product(
@@ -164,7 +174,7 @@ def _rayleigh(op: _FlatOperator, v: jax.Array):
   """(H v, v^T H v, ||H v - (v^T H v) v||) for a unit v."""
   hv = op(v)
   eigenvalue = jnp.vdot(v, hv)
-  return hv, eigenvalue, jnp.linalg.norm(hv - eigenvalue * v)
+  return hv, eigenvalue, norm(hv - eigenvalue * v)
 
 
 def _power_iteration(op: _FlatOperator, v0: jax.Array, num_iterations: int,
@@ -190,13 +200,13 @@ def _power_iteration(op: _FlatOperator, v0: jax.Array, num_iterations: int,
   def body(state):
     i, v, eigenvalue, _ = state
     hv, new_eigenvalue, residual = _rayleigh(op, v)
-    norm = jnp.linalg.norm(hv)
+    hv_norm = norm(hv)
     converged = (i > 0) & (
         jnp.abs(new_eigenvalue - eigenvalue) <= tol * jnp.abs(new_eigenvalue)
-    ) & (residual <= residual_tol * norm)
+    ) & (residual <= residual_tol * hv_norm)
     # Keep the vector whose residual was checked; a zero H v keeps v.
-    keep = converged | (norm == 0)
-    new_v = jnp.where(keep, v, hv * tree_math.safe_inverse(norm))
+    keep = converged | (hv_norm == 0)
+    new_v = jnp.where(keep, v, hv * tree_math.safe_inverse(hv_norm))
     return i + 1, new_v, new_eigenvalue, converged
 
   init = (jnp.zeros([], jnp.int32), v0, jnp.zeros([], jnp.float32),
@@ -225,7 +235,7 @@ def _opposite_pair(op: _FlatOperator, v: jax.Array, residual_tol: jax.Array):
   and its Rayleigh quotient, with converged=False. Costs three HVPs.
   """
   hv = op(v)
-  mu = jnp.linalg.norm(hv)
+  mu = norm(hv)
   u = hv * tree_math.safe_inverse(mu)
 
   def check(candidate):
@@ -422,7 +432,7 @@ def lanczos(
     w = matvec(v)
     alpha = jnp.vdot(v, w)
     w = orthogonalize(w, basis)
-    beta = jnp.linalg.norm(w)
+    beta = norm(w)
     scale = jnp.maximum(scale, jnp.abs(alpha) + beta)
     invariant = beta <= 1e-5 * scale
 
