@@ -104,9 +104,9 @@ def test_2d_random_centre_and_batches_average():
 
 def test_plots_write_png(tmp_path):
   one = sharpness.loss_landscape_1d(lambda w: jnp.sum(w ** 2), jnp.ones(3),
-                                    num_points=5)
+                                    num_points=5, ignore_1d=False)
   two = sharpness.loss_landscape_2d(lambda w: jnp.sum(w ** 2), jnp.ones(3),
-                                    num_points=4)
+                                    num_points=4, ignore_1d=False)
   density = sharpness.hessian_spectral_density(
       lambda w: jnp.sum(jnp.arange(3.0) * w ** 2), jnp.ones(3),
       num_lanczos=3, grid_size=20)
@@ -167,3 +167,18 @@ def test_landscape_has_aux_mismatch_is_a_clear_error():
     with pytest.raises(TypeError, match=name + r':.*pass has_aux=True'):
       helper(lambda p, x, y: (mlp_loss(p, x, y), 0), PARAMS, num_points=3,
              loss_kwargs=BATCH)
+
+
+def test_only_1d_params_with_ignore_1d_is_an_error_not_a_flat_landscape():
+  params = {'bias': jnp.asarray([1.0, -2.0]), 'scale': jnp.float32(2.0)}
+  loss_fn = lambda p: jnp.sum(p['bias'] ** 2) + p['scale'] ** 2
+  for helper in (sharpness.loss_landscape_1d, sharpness.loss_landscape_2d):
+    with pytest.raises(ValueError, match=helper.__name__ +
+                       r':(.|\n)*every direction was zeroed(.|\n)*'
+                       r'ignore_1d=False'):
+      helper(loss_fn, params, num_points=3)
+  # ignore_1d=False: d = w there, so L(w + a d) = (1 + a)^2 L(w) = 9 (1 + a)^2.
+  out = sharpness.loss_landscape_1d(loss_fn, params, num_points=3,
+                                    ignore_1d=False)
+  np.testing.assert_allclose(out.losses, 9.0 * (1 + out.alphas) ** 2,
+                             rtol=1e-6)

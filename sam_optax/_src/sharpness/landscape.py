@@ -142,6 +142,20 @@ def _check_like(owner: str, name: str, tree: PyTree, params: PyTree) -> None:
       )
 
 
+def _random_direction(owner: str, params: PyTree, key: Optional[jax.Array],
+                      filter_axis: int, ignore_1d: bool) -> PyTree:
+  """`filter_normalized_direction`; an error when it would be all zeros."""
+  if ignore_1d and all(jnp.ndim(p) <= 1 for p in jax.tree.leaves(params)):
+    raise ValueError(
+        f'{owner}: every leaf of params has at most one axis, and'
+        ' ignore_1d=True gives such leaves (biases, norm scales) a zero'
+        ' direction, so every direction was zeroed and the landscape would'
+        ' be perfectly flat. Pass ignore_1d=False (the direction is then'
+        ' the weights themselves there), or give directions explicitly.')
+  return filter_normalized_direction(
+      params, key, filter_axis=filter_axis, ignore_1d=ignore_1d)
+
+
 def _grid(span: Span, num: int) -> jax.Array:
   """linspace whose zero (when inside the span) is exactly 0."""
   low, high = span
@@ -253,8 +267,7 @@ def loss_landscape_1d(
     d = jax.tree.map(tree_math.wide, direction)
     default_span = (-1.0, 1.0)
   else:
-    d = filter_normalized_direction(
-        params, key, filter_axis=filter_axis, ignore_1d=ignore_1d)
+    d = _random_direction(owner, params, key, filter_axis, ignore_1d)
     default_span = (-1.0, 1.0)
   alphas = _grid(_span(owner, default_span if span is None else span),
                  num_points)
@@ -360,8 +373,7 @@ def loss_landscape_2d(
       has_aux=has_aux, layout=layout)
   if directions is None:
     key1, key2 = jax.random.split(objective_lib.resolve_key(key))
-    d1, d2 = (filter_normalized_direction(
-        params, k, filter_axis=filter_axis, ignore_1d=ignore_1d)
+    d1, d2 = (_random_direction(owner, params, k, filter_axis, ignore_1d)
               for k in (key1, key2))
   else:
     if not isinstance(directions, (tuple, list)) or len(directions) != 2:

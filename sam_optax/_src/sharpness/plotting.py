@@ -61,7 +61,8 @@ def plot_loss_landscape(
     >>> import os, tempfile, jax.numpy as jnp
     >>> from sam_optax import sharpness
     >>> out = sharpness.loss_landscape_1d(
-    ...     lambda w: jnp.sum(w ** 2), jnp.ones(3), num_points=7)
+    ...     lambda w: jnp.sum(w ** 2), jnp.ones(3), num_points=7,
+    ...     ignore_1d=False)
     >>> path = os.path.join(tempfile.mkdtemp(), 'landscape.png')
     >>> sharpness.plot_loss_landscape({'run': out}, path) == path
     True
