@@ -266,6 +266,20 @@ def test_m_sharpness_errors():
     sharpness.m_sharpness(per_example_loss, WX, 2)
   with pytest.raises(ValueError, match='batches is empty'):
     sharpness.m_sharpness(per_example_loss, WX, 2, batches=[])
+  with pytest.raises(ValueError, match='m_sharpness: m must be an int >= 1'):
+    sharpness.m_sharpness(per_example_loss, WX, 0, loss_kwargs={'x': X})
+
+
+@pytest.mark.parametrize('call', [
+    lambda kw: sharpness.m_sharpness(per_example_loss, WX, 1, loss_kwargs=kw),
+    lambda kw: sharpness.sam_sharpness(per_example_loss, WX, loss_kwargs=kw),
+    lambda kw: sharpness.hessian_top_eigenvalue(
+        per_example_loss, WX, batches=[{'x': X}, kw]),
+])
+def test_an_empty_batch_is_a_clear_error(call):
+  empty = {'x': X[:0]}  # the mean loss of no examples would be NaN
+  with pytest.raises(ValueError, match=r"empty batch(.|\n)*at least one"):
+    call(empty)
 
 
 # --- batches, dtypes, bad input ---------------------------------------------

@@ -66,6 +66,7 @@ def stack_batches(owner: str, batches: Iterable[Mapping[str, Any]]):
           f'{owner}: batch {i} is a {type(batch).__name__}, not a dict of'
           ' loss keyword arguments (e.g. {"batch": {...}} or {"x": x, "y": y}).'
       )
+    check_not_empty(owner, batch, f'batches[{i}]')
   first = jax.tree.structure(dict(batch_list[0]))
   first_shapes = [jnp.shape(x) for x in jax.tree.leaves(dict(batch_list[0]))]
   for i, batch in enumerate(batch_list[1:], start=1):
@@ -401,6 +402,24 @@ def check_inputs(owner: str, loss_fn: Any, params: PyTree, loss_kwargs: Any,
         f' loss_fn (e.g. loss_kwargs={{"batch": batch}}), got'
         f' {type(loss_kwargs).__name__}.'
     )
+  if loss_kwargs is not None:
+    check_not_empty(owner, loss_kwargs, 'loss_kwargs')
+
+
+def check_not_empty(owner: str, kwargs: Mapping[str, Any], name: str) -> None:
+  """No array of the loss's keyword arguments with a leading dimension of 0.
+
+  The mean loss of an empty batch is 0 / 0: every helper would measure NaN.
+  """
+  for path, leaf in jax.tree_util.tree_flatten_with_path(dict(kwargs))[0]:
+    shape = getattr(leaf, 'shape', None)
+    if shape is not None and len(shape) > 0 and shape[0] == 0:
+      raise ValueError(
+          f'{owner}: {name}{jax.tree_util.keystr(path)} has shape'
+          f' {tuple(shape)}: an empty batch (leading dimension 0) has no loss'
+          ' to measure (its mean is 0 / 0). Pass a batch with at least one'
+          ' example, and drop empty batches (e.g. a last batch of a'
+          ' drop_remainder=False loader) before the call.')
 
 
 def num_parameters(params: PyTree) -> int:

@@ -839,6 +839,7 @@ def m_sharpness(
     ICML 2022.
   """
   owner = 'm_sharpness'
+  m = validation.check_static_int(owner, 'm', m, 1)
   measure = sam_sharpness if measure is None else measure
   if not callable(measure):
     raise TypeError(
