@@ -7,6 +7,7 @@ a zero vector divides into a zero vector instead of NaN.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -24,30 +25,96 @@ def wide(x: jax.Array) -> jax.Array:
   return x.astype(ACCUMULATION_DTYPE)
 
 
-def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
-  """<a, b> over all leaves, accumulated in float32 (or wider)."""
-  parts = jax.tree.leaves(
-      jax.tree.map(lambda x, y: jnp.vdot(wide(x), wide(y)).real, a, b)
-  )
+# A sum of squares below this may have lost entries to underflow; above the
+# float32 range it overflowed: either way the norm is taken again, scaled.
+_TINY_SQUARES = 2.0 ** -100
+
+
+def _max_abs(leaves: list) -> jax.Array:
+  """max |x| over every leaf (float32 or wider), NaN if any entry is NaN."""
+  parts = [jnp.max(jnp.abs(x), initial=0.0) for x in leaves]
+  return jax.lax.stop_gradient(
+      functools.reduce(jnp.maximum, parts, jnp.zeros([], ACCUMULATION_DTYPE)))
+
+
+def _scaled(leaves: list, scale: jax.Array) -> list:
+  """Each leaf divided by ``scale`` (by 1 where scale is 0, inf or NaN)."""
+  usable = (scale > 0) & jnp.isfinite(scale)
+  divisor = jnp.where(usable, scale, 1.0)
+  return [x / divisor.astype(x.dtype) for x in leaves]
+
+
+def _vdot(a: list, b: list) -> jax.Array:
+  parts = [jnp.vdot(x, y).real for x, y in zip(a, b)]
   return sum(parts, start=jnp.zeros([], ACCUMULATION_DTYPE))
+
+
+def _wide_leaves(a: PyTree) -> list:
+  return [wide(x) for x in jax.tree.leaves(a)]
+
+
+def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
+  """<a, b> over all leaves, accumulated in float32 (or wider).
+
+  Overflow-safe: when the plain sum overflows (or underflows to below
+  2^-100) while the entries are finite, it is taken again on a / max|a| and
+  b / max|b| and scaled back, so the result is right whenever it fits.
+  """
+  jax.tree.map(lambda x, y: None, a, b)  # the same structure, or an error
+  a, b = _wide_leaves(a), _wide_leaves(b)
+  plain = _vdot(a, b)
+
+  def rescaled():
+    scale_a, scale_b = _max_abs(a), _max_abs(b)
+    inner = _vdot(_scaled(a, scale_a), _scaled(b, scale_b))
+    finite = jnp.isfinite(scale_a) & jnp.isfinite(scale_b)
+    return jnp.where(finite, (scale_a * inner) * scale_b, plain)
+
+  return jax.lax.cond(_needs_rescaling(plain), rescaled, lambda: plain)
+
+
+def _needs_rescaling(value: jax.Array) -> jax.Array:
+  magnitude = jnp.abs(value)
+  return jnp.isinf(magnitude) | (magnitude < _TINY_SQUARES)
 
 
 def tree_sum_of_squares(a: PyTree) -> jax.Array:
-  parts = [jnp.sum(jnp.square(wide(x))) for x in jax.tree.leaves(a)]
-  return sum(parts, start=jnp.zeros([], ACCUMULATION_DTYPE))
+  """||a||^2 in float32 (or wider); inf when the square itself overflows."""
+  return jnp.square(tree_norm(a))
 
 
 def tree_norm(a: PyTree) -> jax.Array:
   """Global L2 norm over every leaf, in float32 (or wider).
 
+  Overflow-safe: the sum of squares is taken as it is, and, only when it
+  overflows float32 or underflows below 2^-100, again on a / max|a|, so
+  entries up to float32's largest give the right norm whenever the norm
+  fits (an infinite entry gives inf, a NaN stays NaN).
+
   Safe to differentiate at zero: the derivative of the norm of a zero vector
   is taken as 0, not the NaN of ``sqrt``'s infinite slope (the double
-  ``where`` keeps the unused branch finite too). A NaN stays NaN.
+  ``where`` keeps the unused branch finite too).
   """
-  squares = tree_sum_of_squares(a)
-  positive = squares > 0
-  return jnp.where(positive, jnp.sqrt(jnp.where(positive, squares, 1.0)),
-                   squares)
+  leaves = _wide_leaves(a)
+  squares = sum((jnp.sum(jnp.square(x)) for x in leaves),
+                start=jnp.zeros([], ACCUMULATION_DTYPE))
+
+  def plain():
+    positive = squares > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, squares, 1.0)),
+                     squares)
+
+  def rescaled():
+    scale = _max_abs(leaves)
+    inner = sum((jnp.sum(jnp.square(x)) for x in _scaled(leaves, scale)),
+                start=jnp.zeros([], ACCUMULATION_DTYPE))
+    positive = inner > 0
+    norm = scale * jnp.where(positive,
+                             jnp.sqrt(jnp.where(positive, inner, 1.0)), 0.0)
+    # An infinite entry: the norm is inf; a NaN entry: NaN.
+    return jnp.where(jnp.isfinite(scale), norm, scale)
+
+  return jax.lax.cond(_needs_rescaling(squares), rescaled, plain)
 
 
 def safe_inverse(x: jax.Array) -> jax.Array:
@@ -61,9 +128,28 @@ def safe_inverse(x: jax.Array) -> jax.Array:
 
 
 def safe_cosine(a: PyTree, b: PyTree) -> jax.Array:
-  """cos(a, b); 0 when either vector is zero."""
+  """cos(a, b); 0 when either vector is zero.
+
+  Taken on a / max|a| and b / max|b|, so neither the dot product nor the
+  product of the norms overflows.
+  """
+  a, b = _wide_leaves(a), _wide_leaves(b)
+  a, b = _scaled(a, _max_abs(a)), _scaled(b, _max_abs(b))
   denominator = tree_norm(a) * tree_norm(b)
-  return tree_vdot(a, b) * safe_inverse(denominator)
+  return _vdot(a, b) * safe_inverse(denominator)
+
+
+def nan_unless(ok: jax.Array, tree: PyTree) -> PyTree:
+  """``tree`` where ``ok``, NaN where not: how a bad value is never hidden.
+
+  The NaN is made by arithmetic (inf * 0) only where ``ok`` is False, never
+  as a constant, so a healthy step creates no NaN at all and
+  ``jax_debug_nans`` stays quiet on it. Non-float leaves pass unchanged.
+  """
+  poison = jnp.where(ok, 0.0, jnp.inf) * 0.0
+  return jax.tree.map(
+      lambda x: x + poison.astype(x.dtype)
+      if jnp.issubdtype(jnp.result_type(x), jnp.inexact) else x, tree)
 
 
 def tree_scale(scalar: jax.Array, a: PyTree) -> PyTree:

@@ -226,7 +226,7 @@ class Variant:
     positive: the hyperparameters that must be > 0 (others >= 0).
     uses_clean_grad: False for a variant that never reads ``ctx.clean_grad``
       (Momentum-SAM): the pipeline then reads it neither (``grad_norm`` is
-      NaN, "not measured", unless ``track_cosine=True``) nor selects it for
+      0, "not measured", unless ``track_cosine=True``) nor selects it for
       ``rho == 0`` -- the variant's own gradient at ``w + 0`` is then the
       base optimizer's input -- so under `jax.jit` XLA removes the caller's
       clean gradient and the step costs one gradient.

@@ -22,7 +22,7 @@ class AESAMState(NamedTuple):
     count: number of updates so far (int32).
     perturbed_loss: L(w + eps) at the last SAM step, float32.
     grad_norm: ||g0|| at the last update, float32.
-    cosine: cos(g0, g), NaN unless ``track_cosine=True``.
+    cosine: cos(g0, g), 0 unless ``track_cosine=True``.
     sam_step: whether the last update was a SAM step (bool).
     mean: mu, the EMA of ||g0||^2 (float32).
     variance: sigma^2, the EMA of (||g0||^2 - mu)^2 (float32).

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sam_optax._src.core import tree_math
+
 PyTree = Any
 
 
@@ -33,6 +35,4 @@ def check_below(owner: str, name: str, value: Any, bound: float, *,
         f'{owner}: {name} must be {relation} {bound}, got {number}.')
 
 
-def nan_unless(ok: jax.Array, tree: PyTree) -> PyTree:
-  """``tree`` where ``ok``, NaN everywhere where not (a select)."""
-  return jax.tree.map(lambda x: jnp.where(ok, x, jnp.nan), tree)
+nan_unless = tree_math.nan_unless

@@ -24,14 +24,14 @@ class ESAMState(NamedTuple):
     perturbed_loss: L(w + eps) at the last update, float32 (with
       ``gamma < 1`` the mean of every example's own loss at w + eps).
     grad_norm: ||g0|| at the last update, float32.
-    cosine: cos(g0, g), NaN unless ``track_cosine=True``.
+    cosine: cos(g0, g), 0 unless ``track_cosine=True``.
     sam_step: True (every esam step takes the second gradient), a bool.
     key: the raw PRNG key (uint32) of the next leaf draw; the same in every
       group and device.
     sharpness: the mean over the group's examples of the sharpness
-      L_i(w + eps) - L_i(w), float32; NaN with ``gamma=1`` (not measured).
+      L_i(w + eps) - L_i(w), float32; 0 with ``gamma=1`` (not measured).
     selected_sharpness: the same mean over the selected examples only
-      (>= ``sharpness``), float32; NaN with ``gamma=1``.
+      (>= ``sharpness``), float32; 0 with ``gamma=1``.
   """
 
   count: jax.Array
@@ -70,10 +70,9 @@ def _make_combine(gamma: float, batch_argnames):
     scale = tree_math.safe_inverse(beta)
     eps = jax.tree.map(lambda e, m: e * (m * scale), eps, mask)
     point = ctx.shift(eps)
-    nan = jnp.full([], jnp.nan, jnp.float32)
     if select_all:  # static: SWP alone, no per-example work at all
       loss, grad = ctx.grad_at(point)
-      sharpness = selected = nan
+      sharpness = selected = jnp.zeros([], jnp.float32)  # not measured
     else:
       before = ctx.losses_at(ctx.params, batch_argnames)
       after = ctx.losses_at(point, batch_argnames)
@@ -246,7 +245,7 @@ def esam(
           'esam: batch_argnames must be a tuple of keyword-argument names,'
           f" e.g. ('x', 'y'), got {batch_argnames!r}.")
     batch_argnames = tuple(batch_argnames)
-  nan = jnp.full([], jnp.nan, jnp.float32)
+  zero = jnp.zeros([], jnp.float32)
   return variant_lib.Variant(
       name='esam', hyperparams={'rho': rho, 'beta': beta}, state=ESAMState,
       combine=_make_combine(gamma, batch_argnames), positive=('beta',),
@@ -254,5 +253,5 @@ def esam(
              'selected_sharpness': 'mean'},
       init=lambda params: ESAMState(
           **variant_lib.initial_diagnostics(), sam_step=jnp.asarray(False),
-          key=jax.random.PRNGKey(seed), sharpness=nan,
-          selected_sharpness=nan))
+          key=jax.random.PRNGKey(seed), sharpness=zero,
+          selected_sharpness=zero))

@@ -18,9 +18,9 @@ class MSAMState(NamedTuple):
   Attributes:
     count: number of updates so far (int32).
     perturbed_loss: L(w - rho v/|v|) at the last update, float32.
-    grad_norm: NaN ("not measured"): msam never reads the clean gradient;
+    grad_norm: 0 ("not measured"): msam never reads the clean gradient;
       with ``track_cosine=True`` it is ||g0||.
-    cosine: cos(g0, g), NaN unless ``track_cosine=True``.
+    cosine: cos(g0, g), 0 unless ``track_cosine=True``.
     sam_step: True on every step after the first (the perturbation is zero
       on the first step, where v = 0), a bool.
     momentum: v, the EMA of the gradients handed on, a float32 tree like
@@ -67,7 +67,7 @@ def msam(
 
   with :math:`v_0 = 0` (the first step is a clean gradient at :math:`w`).
   The clean gradient :math:`g_0` is never read -- not even for the
-  diagnostics (``grad_norm`` is NaN) -- so under `jax.jit` XLA removes the
+  diagnostics (``grad_norm`` is 0) -- so under `jax.jit` XLA removes the
   caller's ``jax.grad`` and the step costs one forward-backward pass.
   ``rho=0`` hands on the gradient at :math:`w` (the same numbers as the
   caller's gradient when both are taken the same way).

@@ -24,7 +24,7 @@ class SAMState(NamedTuple):
     grad_norm: ||g0||, the norm of the clean gradient that built the
       perturbation, float32.
     cosine: cos(g0, g) between that clean gradient and the gradient handed
-      on, float32; NaN unless built with ``track_cosine=True``.
+      on, float32; 0 unless built with ``track_cosine=True``.
   """
 
   count: jax.Array
@@ -112,7 +112,7 @@ def sam(
   - ``track_cosine`` -- measure the ``cosine`` diagnostic. It keeps g0 alive
     through the second pass (one more parameter-sized buffer) and costs two
     passes over the parameters, so it is off by default and the field is
-    NaN ("not measured"); ``perturbed_loss`` and ``grad_norm`` are free.
+    0 ("not measured"); ``perturbed_loss`` and ``grad_norm`` are free.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a `SAMState`.

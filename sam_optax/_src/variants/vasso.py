@@ -23,7 +23,7 @@ class VaSSOState(NamedTuple):
     perturbed_loss: L(w + eps) at the last update, float32.
     grad_norm: ||g0||, the norm of the last clean gradient, float32.
     cosine: cos(g0, g) between the clean gradient and the gradient handed
-      on; NaN unless built with ``track_cosine=True``.
+      on; 0 unless built with ``track_cosine=True``.
     direction: d, the moving average of the clean gradients that the ascent
       follows, , a float32 tree like ``params``
       (zeros before the first update). Under a layout it is the mean over the

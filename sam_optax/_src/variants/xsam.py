@@ -27,7 +27,7 @@ class XSAMState(NamedTuple):
     perturbed_loss: L(w + eps) at the last update, float32.
     grad_norm: ||g0||, the norm of the last incoming (clean) gradient.
     cosine: cos(g0, g) between the clean gradient and the gradient handed
-      on; NaN unless built with ``track_cosine=True``.
+      on; 0 unless built with ``track_cosine=True``.
     alpha: the interpolation fraction of the last update (float32): the
       probed value, kept between probes (or the given ``alpha`` without a
       probe); with ``max_angle`` a step may use a smaller, capped value.
