@@ -5,7 +5,8 @@ constructs that Markdown does not know. Before mkdocstrings renders a
 docstring, this extension rewrites
 
 - ``.. math::`` blocks into ``$$ ... $$`` blocks and ``:math:`x``` roles into
-  ``$x$`` (rendered by ``pymdownx.arithmatex`` and MathJax);
+  ``$x$`` (marked by ``pymdownx.arithmatex``, turned into MathML by the
+  ``mathml.py`` hook);
 - links ```text <url>`_`` into ``[text](url)``;
 - a paragraph ending in ``::`` followed by an indented block into a fenced
   code block.
