@@ -2,9 +2,9 @@
 
 Used by m-sharpness in the transformations (`Chunks`) and in the sharpness
 helpers. The batch arguments are either named (``batch_argnames``) or found
-by the automatic rule: every array with a leading dimension. Each batch leaf
-is reshaped from ``(n * m, ...)`` to ``(n, m, ...)``; every other argument
-goes to every chunk unchanged.
+by the automatic rule: every array with a leading dimension, except those
+named ``shared_argnames``. Each batch leaf is reshaped from ``(n * m, ...)``
+to ``(n, m, ...)``; every other argument goes to every chunk unchanged.
 """
 
 from __future__ import annotations
@@ -24,18 +24,32 @@ VECTORIZED = 'vectorized'
 ChunkMode = Union[str, mesh_lib.MeshChunks]
 _NAMING_HINT = (
     ' Name the per-example arguments with Chunks(m, batch_argnames=(...))'
-    ' (the others then go to every chunk whole), pass what is not'
-    ' per-example as a scalar (a typed key from jax.random.key(...) rather'
-    ' than a raw PRNGKey of shape (2,)), or close over it in loss_fn.'
+    ' (the others then go to every chunk whole), or the shared ones with'
+    ' Chunks(m, shared_argnames=(...)), pass what is not per-example as a'
+    ' scalar (a typed key from jax.random.key(...) rather than a raw'
+    ' PRNGKey of shape (2,)), or close over it in loss_fn.'
 )
 
 
+def _looks_like_raw_key(x: Any) -> bool:
+  return np.shape(x) == (2,) and getattr(x, 'dtype', None) == np.uint32
+
+
 def batch_mask(owner: str, loss_kwargs: Mapping[str, Any],
-               batch_argnames: Optional[Sequence[str]]) -> dict[str, Any]:
-  """A tree like ``loss_kwargs``: True for the leaves that are split."""
+               batch_argnames: Optional[Sequence[str]],
+               shared_argnames: Optional[Sequence[str]] = None
+               ) -> dict[str, Any]:
+  """A tree like ``loss_kwargs``: True for the leaves that are split.
+
+  Without ``batch_argnames`` every array with a leading dimension is split,
+  except the arguments named in ``shared_argnames``.
+  """
   loss_kwargs = dict(loss_kwargs)
   if batch_argnames is None:
-    return jax.tree.map(lambda x: np.ndim(x) > 0, loss_kwargs)
+    shared = set(shared_argnames or ())
+    return {name: jax.tree.map(
+        lambda x, split=name not in shared: split and np.ndim(x) > 0, value)
+            for name, value in loss_kwargs.items()}
   missing = sorted(set(batch_argnames) - set(loss_kwargs))
   if missing:
     raise ValueError(
@@ -50,14 +64,14 @@ def batch_mask(owner: str, loss_kwargs: Mapping[str, Any],
 
 
 def batch_size(owner: str, loss_kwargs: Mapping[str, Any],
-               batch_argnames: Optional[Sequence[str]] = None) -> int:
+               batch_argnames: Optional[Sequence[str]] = None,
+               shared_argnames: Optional[Sequence[str]] = None) -> int:
   """The common leading dimension of every batch leaf of ``loss_kwargs``."""
-  mask = batch_mask(owner, loss_kwargs, batch_argnames)
+  mask = batch_mask(owner, loss_kwargs, batch_argnames, shared_argnames)
+  flat = jax.tree_util.tree_flatten_with_path(dict(loss_kwargs))[0]
   sizes = {
       jax.tree_util.keystr(path): np.shape(leaf)[0]
-      for (path, leaf), split in zip(
-          jax.tree_util.tree_flatten_with_path(dict(loss_kwargs))[0],
-          jax.tree.leaves(mask))
+      for (path, leaf), split in zip(flat, jax.tree.leaves(mask))
       if split
   }
   if not sizes:
@@ -72,20 +86,69 @@ def batch_size(owner: str, loss_kwargs: Mapping[str, Any],
         f' dimension: {sizes}. Every batch array is split into chunks, so'
         ' each must hold the same number of examples.' + _NAMING_HINT
     )
+  if batch_argnames is None:
+    for where, (path, leaf) in zip(jax.tree.leaves(mask), flat):
+      if where and _looks_like_raw_key(leaf):
+        raise ValueError(
+            f'{owner}: the loss keyword argument'
+            f' {jax.tree_util.keystr(path)} looks like a raw PRNG key (uint32,'
+            ' shape (2,)) in a batch of 2 examples: every array with a'
+            ' leading dimension is split into examples, so the key would be'
+            ' split too. Pass a typed key from jax.random.key(...) (a'
+            ' scalar: it goes to every chunk whole), name it in'
+            ' Chunks(m, shared_argnames=(...)), or name the per-example'
+            ' arguments with Chunks(m, batch_argnames=(...)).')
   return next(iter(sizes.values()))
+
+
+def check_unnamed(owner: str, loss_kwargs: Mapping[str, Any],
+                  batch_argnames: Sequence[str],
+                  shared_argnames: Sequence[str], n: int) -> None:
+  """An argument left out of ``batch_argnames`` must not look per-example.
+
+  One whose leading dimension is the batch size ``n`` would go whole to
+  every chunk, each chunk's examples meeting all n rows of it: an error
+  that names it, unless ``shared_argnames`` says it is shared.
+  """
+  for name, value in loss_kwargs.items():
+    if name in batch_argnames or name in shared_argnames:
+      continue
+    rows = [np.shape(x)[0] for x in jax.tree.leaves(value) if np.ndim(x)]
+    if n in rows:
+      raise ValueError(
+          f'{owner}: the loss keyword argument {name!r} is not in'
+          f' batch_argnames={tuple(batch_argnames)}, but its leading'
+          f' dimension is the batch size {n}: it would go whole to every'
+          ' chunk, so each chunk would see every row of it. If it holds one'
+          f' row per example, add it: Chunks(m, batch_argnames='
+          f'{tuple(batch_argnames) + (name,)}); if it is really shared (a'
+          f' lookup table that happens to have {n} rows), say so with'
+          f' Chunks(m, ..., shared_argnames=({name!r},)).')
 
 
 def split_into_chunks(
     owner: str, loss_kwargs: Mapping[str, Any], chunk_size: int,
     batch_argnames: Optional[Sequence[str]] = None,
+    shared_argnames: Optional[Sequence[str]] = None,
 ) -> tuple[dict[str, Any], dict[str, Any], int]:
   """Reshapes every batch leaf from (n * m, ...) to (n, m, ...).
 
   Returns the split keyword arguments, the tree of which leaves were split,
-  and the number of chunks n; a batch that does not split evenly is a clear
-  error.
+  and the number of chunks n; a batch that does not split evenly, or that
+  is empty, is a clear error. ``shared_argnames`` (a `Chunks`'s) names the
+  arguments that go whole to every chunk whatever their shape; given, an
+  argument left out of ``batch_argnames`` with the batch's leading
+  dimension is an error (`check_unnamed`).
   """
-  n = batch_size(owner, loss_kwargs, batch_argnames)
+  n = batch_size(owner, loss_kwargs, batch_argnames, shared_argnames)
+  if n == 0:
+    raise ValueError(
+        f'{owner}: the batch is empty (its per-example arrays have 0 rows),'
+        ' so there is no example to split into chunks or to take a gradient'
+        ' on. Skip empty batches before the step (e.g. drop the last,'
+        ' partial batch of an epoch when it is empty).')
+  if batch_argnames is not None and shared_argnames is not None:
+    check_unnamed(owner, loss_kwargs, batch_argnames, shared_argnames, n)
   if n % chunk_size:
     raise ValueError(
         f'{owner}: a batch of {n} examples does not split into chunks of'
@@ -93,7 +156,7 @@ def split_into_chunks(
         f' dividing {n}, or a batch size that is a multiple of {chunk_size}.'
     )
   chunks = n // chunk_size
-  mask = batch_mask(owner, loss_kwargs, batch_argnames)
+  mask = batch_mask(owner, loss_kwargs, batch_argnames, shared_argnames)
   try:
     split = jax.tree.map(
         lambda x, s: jnp.reshape(x, (chunks, chunk_size) + jnp.shape(x)[1:])

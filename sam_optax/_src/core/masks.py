@@ -1,11 +1,16 @@
-"""SAM-ON: select the normalization layers' parameters for the perturbation."""
+"""Which leaves are perturbed: SAM-ON's normalization layers, float leaves."""
 
 from __future__ import annotations
 
 import re
-from typing import Any, Optional
+import sys
+from typing import Any, Callable, Optional
 
 import jax
+import numpy as np
+
+from sam_optax._src.core import directions
+from sam_optax._src.core import validation
 
 PyTree = Any
 
@@ -41,6 +46,36 @@ def _nnx_normalization_paths(model) -> list:
           if isinstance(node, kinds)]
 
 
+def _equinox_normalization_paths(params) -> list:
+  """The paths of the Equinox normalization layers in ``params``, by type."""
+  eqx = sys.modules.get('equinox')
+  if eqx is None:  # not imported: params hold no Equinox module
+    return []
+  kinds = tuple(getattr(eqx.nn, name) for name in (
+      'LayerNorm', 'GroupNorm', 'BatchNorm', 'RMSNorm') if hasattr(eqx.nn,
+                                                                    name))
+  found = jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=lambda x: isinstance(x, kinds))[0]
+  return [tuple(path) for path, node in found if isinstance(node, kinds)]
+
+
+def _nothing_selected(params, pattern: str, model) -> ValueError:
+  paths = [jax.tree_util.keystr(path)
+           for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  shown = ', '.join(paths[:12]) + (f' and {len(paths) - 12} more'
+                                   if len(paths) > 12 else '')
+  how = ('by type among the NNX modules of model=' if model is not None else
+         f'module names matching pattern={pattern!r}, and Equinox'
+         ' LayerNorm / GroupNorm / BatchNorm / RMSNorm layers by type')
+  return ValueError(
+      'normalization_mask: no parameter is a normalization layer\'s, so'
+      ' SAM-ON would perturb nothing and train exactly as the base'
+      f' optimizer. It looked at the leaves {shown} ({how}). Name the'
+      ' normalization modules so that the pattern matches (or pass'
+      ' pattern=), give model= for an NNX model, or, for a model without'
+      ' normalization layers, use no perturbation_mask.')
+
+
 def normalization_mask(params: PyTree, *,
                        pattern: str = NORMALIZATION_PATTERN,
                        model: Optional[Any] = None) -> PyTree:
@@ -67,7 +102,11 @@ def normalization_mask(params: PyTree, *,
   by module type (``nnx.BatchNorm``, ``LayerNorm``, ``RMSNorm``,
   ``GroupNorm``) instead:
   ``perturbation_mask=lambda p: sam_optax.normalization_mask(p, model=model)``.
-  NNX states (leaves ending in ``.value``) and plain dicts both work.
+  NNX states (leaves ending in ``.value``) and plain dicts both work, and
+  Equinox normalization layers (``eqx.nn.LayerNorm``, ``GroupNorm``,
+  ``BatchNorm``, ``RMSNorm``) are selected by type wherever they sit, in
+  lists and tuples too. A selection that holds no leaf is an error that
+  lists the leaves looked at: SAM-ON would silently be the base optimizer.
 
   Examples:
     >>> import jax, jax.numpy as jnp, sam_optax
@@ -85,7 +124,8 @@ def normalization_mask(params: PyTree, *,
     model: an NNX model; its normalization modules are found by type.
 
   Returns:
-    A pytree of Python bools with the structure of ``params``.
+    A pytree of Python bools with the structure of ``params``, at least
+    one True.
 
   References:
     Mueller et al., `Normalization Layers Are All That Sharpness-Aware
@@ -100,10 +140,63 @@ def normalization_mask(params: PyTree, *,
       return any(modules[:len(p)] == p for p in prefixes)
   else:
     compiled = re.compile(pattern)
+    layers = _equinox_normalization_paths(params)
 
     def selected(path, leaf):
       del leaf
-      return any(compiled.search(str(name))
-                 for name in _names(path)[:-1])
+      return any(compiled.search(str(name)) for name in _names(path)[:-1]
+                 ) or any(tuple(path[:len(p)]) == p for p in layers)
 
-  return jax.tree_util.tree_map_with_path(selected, params)
+  mask = jax.tree_util.tree_map_with_path(selected, params)
+  if not any(jax.tree.leaves(mask)):
+    raise _nothing_selected(params, pattern, model)
+  return mask
+
+
+def _python_bool(owner: str, where: str, value: Any) -> bool:
+  """One leaf's choice as a Python bool; a value-dependent one is refused."""
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(
+        f'{owner}: perturbation_mask gave a traced value for {where}: under'
+        ' jax.jit a mask cannot depend on the parameters\' values. Decide'
+        ' from the names, shapes and dtypes and return Python bools, e.g.'
+        ' lambda p: jax.tree.map(lambda x: x.ndim > 1, p).')
+  if np.ndim(value) != 0:
+    raise TypeError(
+        f'{owner}: perturbation_mask gave an array of shape'
+        f' {np.shape(value)} for {where}; a mask holds one bool per'
+        ' parameter leaf (a whole leaf is perturbed or not).')
+  return bool(value)
+
+
+def perturbed_leaves(owner: str, mask: Optional[directions.LeafMask]
+                     ) -> Callable[[Any], Any]:
+  """The perturbation mask the pipeline runs with: ``params -> bools``.
+
+  The user's ``mask`` (None: every leaf; a tree of bools; a function
+  ``params -> tree of bools``; a predicate ``(path, leaf) -> bool``), with
+  jnp bools turned into Python bools, and integer / bool parameter leaves
+  (a step counter kept in params) never perturbed.
+  """
+
+  def chosen(params):
+    user = mask
+    if callable(mask) and not isinstance(mask, dict):
+      # pylint: disable-next=protected-access
+      if directions._positional_arity(mask) == 2:
+        user = lambda path, leaf: _python_bool(
+            owner, jax.tree_util.keystr(path), mask(path, leaf))
+      else:
+        given = mask(params)
+        try:
+          user = jax.tree_util.tree_map_with_path(
+              lambda path, _, m: _python_bool(
+                  owner, jax.tree_util.keystr(path), m), params, given)
+        except ValueError:  # another structure: resolve_mask says so
+          user = given
+    resolved = directions.resolve_mask(owner, 'perturbation_mask', user,
+                                       params)
+    return jax.tree.map(lambda keep, p: keep and validation.is_float_leaf(p),
+                        resolved, params)
+
+  return chosen

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import numbers
-from typing import Any, Callable, Mapping, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -159,6 +160,198 @@ def check_same_tree(owner: str, updates: Any, params: Any) -> None:
       )
 
 
+def is_float_leaf(leaf: Any) -> bool:
+  """Whether a parameter leaf is trained: a real or complex float array."""
+  return jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+
+
+def check_param_leaves(owner: str, updates: Any, params: Any) -> None:
+  """Every parameter an array; no float0 gradient (optax takes none either).
+
+  Integer and bool leaves (a step counter kept in params) are carried
+  through, as optax carries them: not perturbed, their incoming gradient
+  handed on unchanged. A float0 gradient -- what ``jax.grad(...,
+  allow_int=True)`` gives for them -- is refused, since optax's own
+  transformations (``optax.sgd``, ``optax.adam``) cannot take it.
+  """
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if isinstance(leaf, (numbers.Number, np.generic)):
+      raise TypeError(
+          f'{owner}: parameter {jax.tree_util.keystr(path)} is a Python'
+          f' {type(leaf).__name__} ({leaf!r}), not an array. Make every'
+          ' parameter an array, e.g. params = jax.tree.map(jnp.asarray,'
+          ' params), or close over a constant in loss_fn.')
+  for path, leaf in jax.tree_util.tree_flatten_with_path(updates)[0]:
+    if getattr(leaf, 'dtype', None) == jax.dtypes.float0:
+      raise TypeError(
+          f'{owner}: the gradient of parameter {jax.tree_util.keystr(path)}'
+          ' has dtype float0 (jax.grad(..., allow_int=True) of an integer or'
+          ' bool leaf), which optax cannot take either (optax.sgd fails on'
+          ' it). Give such a leaf a zero gradient of its own dtype and it is'
+          ' carried through untouched: grads = jax.tree.map(lambda g, p:'
+          ' jnp.zeros_like(p) if g.dtype == jax.dtypes.float0 else g, grads,'
+          ' params); or keep the counter out of params.')
+
+
+def value_and_grad(loss: Callable[..., jax.Array]) -> Callable[..., Any]:
+  """`jax.value_and_grad` of ``loss``; integer / bool leaves get a zero.
+
+  The gradient of a non-float leaf is zeros of the leaf's own dtype (never
+  float0), so the pieces treat it as a parameter that does not move.
+  """
+  both = jax.value_and_grad(loss, allow_int=True)
+
+  def value_and_gradient(params, *args):
+    value, grad = both(params, *args)
+    return value, jax.tree.map(
+        lambda g, p: jnp.zeros(jnp.shape(p), jnp.result_type(p))
+        if g.dtype == jax.dtypes.float0 else g, grad, params)
+
+  return value_and_gradient
+
+
+def carry_non_float(out: Any, updates: Any, params: Any) -> Any:
+  """The incoming gradient of every integer / bool leaf, handed on as is."""
+  if params is None or all(is_float_leaf(p) for p in jax.tree.leaves(params)):
+    return out
+  return jax.tree.map(lambda o, g, p: o if is_float_leaf(p) else g, out,
+                      updates, params)
+
+
+def _state_field(path) -> str:
+  return 'state' + jax.tree_util.keystr(tuple(path))
+
+
+def check_state(owner: str, state: Any, init: Callable[[Any], Any],
+                params: Any) -> None:
+  """The state must be ``init(params)``'s: tree structure and leaf shapes.
+
+  Compared with `jax.eval_shape` of ``init`` when ``update`` is traced, so
+  it costs nothing at run time. A state restored from a checkpoint of
+  another model or another optimizer is an error that names the field.
+  """
+  if params is None:  # update says that it needs them
+    return
+  expected = jax.eval_shape(init, params)
+  fix = (' Was it restored from a checkpoint of another model or another'
+         ' optimizer? Build it with tx.init(params) for these params, or'
+         ' restore the checkpoint of this model and optimizer.')
+  if type(state) is not type(expected):
+    raise ValueError(
+        f'{owner}: the state is a {type(state).__name__}, but this'
+        f' optimizer\'s state is a {type(expected).__name__}.' + fix)
+  fields = getattr(expected, '_fields', None)
+  pairs = ([(f, getattr(state, f), getattr(expected, f)) for f in fields]
+           if fields else [(None, state, expected)])
+  for field, given, wanted in pairs:
+    given_def = jax.tree.structure(given)
+    wanted_def = jax.tree.structure(wanted)
+    if given_def != wanted_def:
+      where = f'field {field!r}' if field else 'the state'
+      raise ValueError(
+          f'{owner}: {where} of the state has the tree structure'
+          f' {given_def}, but init(params) gives {wanted_def}.' + fix)
+  for (path, given), wanted in zip(
+      jax.tree_util.tree_flatten_with_path(state)[0],
+      jax.tree.leaves(expected)):
+    if np.shape(given) != tuple(wanted.shape):
+      raise ValueError(
+          f'{owner}: {_state_field(path)} has shape {np.shape(given)}, but'
+          f' init(params) gives {tuple(wanted.shape)} for these params.'
+          + fix)
+
+
+def checked_update(owner: str, init: Callable[[Any], Any],
+                   update: Callable[..., Any]) -> Callable[..., Any]:
+  """``update`` behind the early checks of its inputs (at trace time).
+
+  Parameters are arrays, the state is ``init(params)``'s in structure and
+  shapes, and integer / bool leaves are carried through (`check_param_leaves`).
+  """
+
+  def checked(updates, state, params=None, **extra_args):
+    if params is not None:
+      check_param_leaves(owner, updates, params)
+    check_state(owner, state, init, params)
+    out, new_state = update(updates, state, params, **extra_args)
+    return carry_non_float(out, updates, params), new_state
+
+  return checked
+
+
+# update(updates, state, params, **loss_kwargs) takes these names itself
+# (optax's update and every optax.chain's): a loss keyword argument with one
+# of them can never be passed to loss_fn.
+_UPDATE_ARGUMENTS = ('updates', 'state', 'params')
+_BY_KEYWORD = (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+               inspect.Parameter.KEYWORD_ONLY)
+
+
+def _later_parameters(loss_fn: Callable[..., Any]) -> Optional[list]:
+  """loss_fn's parameters after ``params``; None if they cannot be read."""
+  try:
+    return list(inspect.signature(loss_fn).parameters.values())[1:]
+  except (TypeError, ValueError):
+    return None
+
+
+def check_loss_signature(owner: str, loss_fn: Callable[..., Any]) -> None:
+  """At construction: loss_fn can take what update forwards, by keyword."""
+  later = _later_parameters(loss_fn) or []
+  positional = [p.name for p in later
+                if p.kind is inspect.Parameter.POSITIONAL_ONLY]
+  if positional:
+    names = ', '.join(positional)
+    raise TypeError(
+        f'{owner}: loss_fn takes {positional} positionally only (before a'
+        ' `/`), but the keyword arguments of update are passed to it by'
+        ' name: tx.update(grads, state, params, batch=batch) calls'
+        ' loss_fn(params, batch=batch). Drop the `/`, or pass'
+        f' `lambda params, {names}: loss_fn(params, {names})`.')
+  clashing = [p.name for p in later if p.kind in _BY_KEYWORD
+              and p.default is inspect.Parameter.empty
+              and p.name in _UPDATE_ARGUMENTS]
+  if clashing:
+    name = clashing[0]
+    raise TypeError(
+        f'{owner}: loss_fn needs a keyword argument named {name!r}, but'
+        f' update(updates, state, params, **loss_kwargs) -- optax\'s, and'
+        f' that of every optax.chain -- takes {name!r} itself, so it can'
+        ' never reach loss_fn. Rename it in loss_fn, e.g. model_' + name +
+        ', and pass tx.update(grads, opt_state, params, model_' + name +
+        '=...).')
+
+
+def missing_loss_keywords(loss_fn: Callable[..., Any],
+                          loss_kwargs: Mapping[str, Any]) -> list:
+  """The required keyword arguments of loss_fn that ``loss_kwargs`` lacks."""
+  return [p.name for p in _later_parameters(loss_fn) or []
+          if p.kind in _BY_KEYWORD and p.default is inspect.Parameter.empty
+          and p.name not in loss_kwargs]
+
+
+def call_loss(owner: str, loss_fn: Callable[..., Any], params: Any,
+              loss_kwargs: Mapping[str, Any]) -> Any:
+  """``loss_fn(params, **loss_kwargs)``; a missing keyword says how to pass it."""
+  try:
+    return loss_fn(params, **loss_kwargs)
+  except TypeError as error:
+    missing = missing_loss_keywords(loss_fn, loss_kwargs)
+    if not missing:
+      raise
+    given = sorted(loss_kwargs) or 'none'
+    example = ', '.join(f'{name}={name}' for name in missing)
+    raise TypeError(
+        f'{owner}: loss_fn needs the keyword argument(s) {missing}, but the'
+        f' keyword arguments of update that it takes are {given}. The'
+        ' optimizer calls loss_fn(params, **loss_kwargs) with the keyword'
+        ' arguments given to update: call'
+        f' tx.update(grads, opt_state, params, {example}) (optax.chain'
+        ' forwards them). A loop that calls update(grads, state, params)'
+        ' alone cannot feed the loss: close over the batch in loss_fn'
+        ' instead.') from error
+
+
 def _describe(value: Any) -> str:
   """What loss_fn returned, in words, for error messages."""
   if isinstance(value, Mapping):
@@ -216,13 +409,71 @@ def check_loss_output(owner: str, out: Any, has_aux: bool, *,
   return loss
 
 
+def _model_framework(params: Any) -> Union[str, None]:
+  """'nnx' for an nnx.State, 'equinox' for an Equinox module, else None."""
+  for cls in type(params).__mro__:
+    module = getattr(cls, '__module__', None) or ''
+    if module.startswith('flax.nnx'):
+      return 'nnx'
+    if module.startswith('equinox'):
+      return 'equinox'
+  return None
+
+
+_ADAPTER_FIX = {
+    'nnx': (
+        'an nnx.State, the parameters nnx.Optimizer hands on. A loss written'
+        ' the NNX way, loss(model, ...), needs the model: build the'
+        ' transformation on sam_optax.nnx.loss_fn(loss), take before ='
+        ' sam_optax.nnx.snapshot(model) before the clean pass, and call'
+        ' optimizer.update(model, grads, snapshot=before, batch=batch)'),
+    'equinox': (
+        'an Equinox module holding only the arrays of eqx.filter(model,'
+        ' eqx.is_array) (None elsewhere). A loss written the Equinox way,'
+        ' loss(model, ...), needs the whole model: build the transformation'
+        ' on sam_optax.equinox.loss_fn(loss, model), which puts the rest'
+        ' back (eqx.combine)'),
+}
+
+
+def with_framework_hint(owner: str,
+                        loss_fn: Callable[..., Any]) -> Callable[..., Any]:
+  """loss_fn; a framework's ``loss(model, ...)`` given the params says so.
+
+  When loss_fn fails inside (a TypeError or AttributeError, not a wrong
+  argument list) on params that are an ``nnx.State`` or an Equinox module,
+  the error names the adapter to use. Built by an adapter, loss_fn is kept.
+  """
+  if getattr(loss_fn, 'sam_optax_adapter', None):
+    return loss_fn
+
+  def hinted(params, **loss_kwargs):
+    try:
+      return loss_fn(params, **loss_kwargs)
+    except (TypeError, AttributeError) as error:
+      framework = _model_framework(params)
+      if framework is None or error.__traceback__.tb_next is None:
+        raise  # not a framework's params, or the call's own argument list
+      raise TypeError(
+          f'{owner}: loss_fn raised {type(error).__name__}: {error} -- when'
+          f' called with params of type {type(params).__name__}, which is'
+          f' {_ADAPTER_FIX[framework]}. See docs/guide/frameworks.md.'
+      ) from error
+
+  hinted.__wrapped__ = loss_fn  # inspect.signature reads loss_fn's own
+  return hinted
+
+
 def checked_scalar_loss(
     owner: str, loss_fn: Callable[..., Any], has_aux: bool
 ) -> Callable[..., jax.Array]:
   """Wraps loss_fn so that it returns a checked scalar (aux is dropped)."""
+  loss_fn = with_framework_hint(owner, loss_fn)
+  check_loss_signature(owner, loss_fn)
 
   def scalar_loss(params, loss_kwargs):
-    return check_loss_output(owner, loss_fn(params, **loss_kwargs), has_aux,
+    out = call_loss(owner, loss_fn, params, loss_kwargs)
+    return check_loss_output(owner, out, has_aux,
                              fix=f'build {owner} with has_aux={{}}')
 
   return scalar_loss

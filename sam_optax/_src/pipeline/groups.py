@@ -123,7 +123,8 @@ def chunked(fn: GroupStep, batch: Batch, chunks: layouts.Chunks, clean=None,
             sync=_same):
   """`Chunks`: one group per chunk, or (``shared``) one for all chunks."""
   split, mask, n = batching.split_into_chunks(
-      batch.owner, batch.loss_kwargs, chunks.m, chunks.batch_argnames)
+      batch.owner, batch.loss_kwargs, chunks.m, chunks.batch_argnames,
+      chunks.shared_argnames)
   if isinstance(chunks.mode, layouts.mesh_lib.MeshChunks):
     batch = batch._replace(params=chunks.mode.replicate(batch.params))
   mapped = lambda one: batching.over_chunks(one, split, mask, n, chunks.mode)
@@ -175,6 +176,7 @@ def per_device(fn: GroupStep, batch: Batch, layout: layouts.PerDevice):
   the clean gradient and every later loss and gradient are averaged over
   it, one all-reduce each, so a variant's pieces see the global values.
   """
+  layouts.check_bound(batch.owner, layout)
   tracked = _check_local(batch, layout)
   value_and_grad = batch.value_and_grad
   batch = batch._replace(value_and_grad=lambda w, kw: value_and_grad(
@@ -263,6 +265,31 @@ def _check_local(batch: Batch, layout: layouts.PerDevice) -> bool:
         f" jax.lax.pcast(params, {layout.axis!r}, to='varying') instead, or"
         ' use jax.shard_map(..., check_vma=False).')
   return tracked
+
+
+def check_layout_fits(owner: str, layout: layouts.Layout,
+                      updates: PyTree) -> None:
+  """A gradient that varies over a shard_map axis needs `PerDevice`.
+
+  Without it each device would perturb and re-gradient on its own examples
+  and hand on its own gradient, so the parameter copies would drift apart
+  (JAX's own error here suggests ``check_vma=False``, which only hides it).
+  """
+  if isinstance(layout, layouts.PerDevice):
+    return
+  varying = sorted(set().union(*(varying_axes(g)
+                                 for g in jax.tree.leaves(updates))))
+  if varying:
+    axis = varying[0] if len(varying) == 1 else tuple(varying)
+    chunks = '' if layout is None else f', chunks={layout!r}'
+    raise ValueError(
+        f'{owner}: the incoming gradient varies over the shard_map axis'
+        f' {axis!r}: each device holds its own, but layout={layout!r} treats'
+        ' it as the whole batch\'s. Pass'
+        f' layout=sam_optax.PerDevice({axis!r}{chunks}) so that every device'
+        ' perturbs on its own examples and the update is averaged over the'
+        ' axis. (Turning off check_vma instead would let the per-device'
+        ' parameter copies silently drift apart.)')
 
 
 def make_local(tree: PyTree, axes: tuple, tracked: bool) -> PyTree:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Hashable, Optional, Sequence, Union
 
+import jax
+
 from sam_optax._src.core import batching
 from sam_optax._src.core import mesh as mesh_lib
 from sam_optax._src.core import validation
@@ -42,7 +44,11 @@ class Chunks:
   backward pass over the batch per step: 3 passes instead of SAM's 2), its
   own ascent, re-gradient and combine; the gradients handed on are averaged.
   Arguments that are not split (a typed key from `jax.random.key`, a lookup
-  table named out of ``batch_argnames``) go to every chunk whole.
+  table left out of ``batch_argnames`` or named in ``shared_argnames``) go
+  to every chunk whole. An argument left out of ``batch_argnames`` whose
+  leading dimension is the batch size is an error that names it (it looks
+  per-example, and each chunk would see all of its rows) unless it is named
+  in ``shared_argnames``: "this one is really shared".
 
   With ``shared=True`` there is one perturbation for the whole batch and
   every gradient after the incoming one is accumulated over the chunks: SAM
@@ -56,6 +62,9 @@ class Chunks:
     Chunks(16, mode='vectorized')
     >>> sam_optax.Chunks(64, shared=True, batch_argnames=('x', 'y'))
     Chunks(64, shared=True, batch_argnames=('x', 'y'))
+    >>> sam_optax.Chunks(8, batch_argnames=('x', 'y'),
+    ...                  shared_argnames=('table',))
+    Chunks(8, batch_argnames=('x', 'y'), shared_argnames=('table',))
 
   Attributes:
     m: examples per chunk (an int >= 1 that divides the batch).
@@ -66,12 +75,16 @@ class Chunks:
     shared: one perturbation for all chunks, gradients accumulated.
     batch_argnames: the names of the per-example keyword arguments of
       ``update``; ``None`` splits every array with a leading dimension.
+    shared_argnames: the names of keyword arguments that go whole to every
+      chunk although their leading dimension may be the batch size (a
+      lookup table with as many rows as the batch).
   """
 
   m: int
   mode: batching.ChunkMode = batching.SEQUENTIAL
   shared: bool = False
   batch_argnames: Optional[tuple[str, ...]] = None
+  shared_argnames: tuple[str, ...] = ()
 
   def __post_init__(self):
     owner = 'Chunks'
@@ -79,22 +92,43 @@ class Chunks:
         owner, 'm', self.m, minimum=1))
     batching.check_mode(owner, self.mode)
     validation.check_bool(owner, 'shared', self.shared)
-    names = self.batch_argnames
-    if names is not None:
-      if isinstance(names, str):
-        names = (names,)
-      if not names or not all(isinstance(n, str) for n in names):
-        raise TypeError(
-            f'{owner}: batch_argnames must be a tuple of keyword-argument'
-            f" names, e.g. ('x', 'y'), got {self.batch_argnames!r}.")
-      object.__setattr__(self, 'batch_argnames', tuple(names))
+    if self.batch_argnames is not None:
+      object.__setattr__(self, 'batch_argnames', _names(
+          owner, 'batch_argnames', self.batch_argnames, ('x', 'y')))
+    shared = _names(owner, 'shared_argnames', self.shared_argnames,
+                    ('table',)) if self.shared_argnames else ()
+    both = sorted(set(shared) & set(self.batch_argnames or ()))
+    if both:
+      raise ValueError(
+          f'{owner}: {both} are named both in batch_argnames (split into'
+          ' chunks) and in shared_argnames (whole to every chunk); name each'
+          ' in one of them.')
+    object.__setattr__(self, 'shared_argnames', shared)
 
   def __repr__(self) -> str:
     return _call_repr(
         'Chunks', [self.m],
         dict(mode=self.mode, shared=self.shared,
-             batch_argnames=self.batch_argnames),
-        dict(mode=batching.SEQUENTIAL, shared=False, batch_argnames=None))
+             batch_argnames=self.batch_argnames,
+             shared_argnames=self.shared_argnames),
+        dict(mode=batching.SEQUENTIAL, shared=False, batch_argnames=None,
+             shared_argnames=()))
+
+
+def _names(owner: str, field: str, names, example: tuple) -> tuple:
+  """A non-empty tuple of keyword-argument names (one str is one name)."""
+  given = names
+  if isinstance(names, str):
+    names = (names,)
+  try:
+    names = tuple(names)
+  except TypeError:
+    names = ()
+  if not names or not all(isinstance(n, str) for n in names):
+    raise TypeError(
+        f'{owner}: {field} must be a tuple of keyword-argument names, e.g.'
+        f' {example!r}, got {given!r}.')
+  return names
 
 
 def _check_groups(owner: str, groups) -> tuple[tuple[int, ...], ...]:
@@ -205,6 +239,22 @@ class PerDevice:
 
 
 Layout = Optional[Union[Chunks, PerDevice]]
+
+
+def check_bound(owner: str, layout: Layout) -> None:
+  """A `PerDevice` axis must be bound: update runs inside pmap / shard_map."""
+  if not isinstance(layout, PerDevice):
+    return
+  for axis in layout.axes:
+    try:
+      jax.lax.axis_size(axis)
+    except NameError as error:
+      raise ValueError(
+          f'{owner}: layout={layout!r} runs inside jax.pmap / jax.shard_map'
+          f' over axis {axis!r}, but no such axis is bound here. Call update'
+          " inside pmap(..., axis_name=...) / shard_map over that axis, or"
+          ' use layout=None (or sam_optax.Chunks(m)) on one device.'
+      ) from error
 
 
 def check_layout(owner: str, layout) -> Layout:
