@@ -130,8 +130,9 @@ CASES = {
     'gsam': (sam_optax.gsam, 'gsam', {'alpha': 0.375}),
     'gsam_fp_false': (sam_optax.gsam, 'gsam',
                       {'alpha': 0.625, 'minimize_fp': False}),
-    'wsam': (sam_optax.wsam, 'wsam', {'gamma': 0.75, 'decouple': False}),
-    'wsam_decoupled': (sam_optax.wsam, 'wsam_decoupled', {'gamma': 0.75}),
+    'wsam': (sam_optax.wsam, 'wsam', {'gamma': 0.75}),
+    'wsam_decoupled': (sam_optax.decoupled_wsam, 'wsam_decoupled',
+                       {'gamma': 0.75}),
     'friendly_sam': (sam_optax.friendly_sam, 'friendly_sam',
                      {'sigma': 0.75, 'lmbda': 0.625}),
     'vasso': (sam_optax.vasso, 'vasso', {'theta': 0.375}),
@@ -140,7 +141,6 @@ CASES = {
 
 def reference(case, groups):
   _, name, hp = CASES[case]
-  hp = {k: v for k, v in hp.items() if k != 'decouple'}
   ref = Reference(name, groups, **hp)
   return np.stack([ref.step(XS[t], YS[t]) for t in range(STEPS)])
 
@@ -151,7 +151,7 @@ def reference(case, groups):
 def make_tx(case, layout=None):
   factory, name, hp = CASES[case]
   if name == 'wsam_decoupled':
-    return factory(loss_fn, rho=RHO, base_optimizer=optax.sgd(LR, MOMENTUM),
+    return factory(loss_fn, optax.sgd(LR, MOMENTUM), rho=RHO,
                    learning_rate=LR, layout=layout, **hp)
   return optax.chain(factory(loss_fn, rho=RHO, layout=layout, **hp),
                      optax.sgd(LR, MOMENTUM))
@@ -242,8 +242,8 @@ def _steps(tx, params, steps=3):
 def test_decoupled_wsam_with_rho_zero_is_exactly_the_base(rho):
   base = optax.sgd(LR, MOMENTUM)
   params = _one_batch()[0]
-  got, _ = _steps(sam_optax.wsam(loss_fn, rho=rho, base_optimizer=base,
-                                 learning_rate=LR), params)
+  got, _ = _steps(sam_optax.decoupled_wsam(loss_fn, base, rho=rho,
+                                           learning_rate=LR), params)
   want, _ = _steps(base, params)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_array_equal(a, b)
@@ -252,10 +252,11 @@ def test_decoupled_wsam_with_rho_zero_is_exactly_the_base(rho):
 def test_decoupled_wsam_reads_the_learning_rate_of_an_injected_base():
   params = _one_batch()[0]
   schedule = optax.linear_schedule(LR, LR / 4, 3)
-  given = sam_optax.wsam(loss_fn, rho=RHO, base_optimizer=optax.sgd(
-      schedule, MOMENTUM), learning_rate=schedule)
-  read = sam_optax.wsam(loss_fn, rho=RHO, base_optimizer=(
-      optax.inject_hyperparams(optax.sgd)(schedule, MOMENTUM)))
+  given = sam_optax.decoupled_wsam(loss_fn, optax.sgd(schedule, MOMENTUM),
+                                   rho=RHO, learning_rate=schedule)
+  read = sam_optax.decoupled_wsam(
+      loss_fn, optax.inject_hyperparams(optax.sgd)(schedule, MOMENTUM),
+      rho=RHO)
   (a, state), (b, _) = _steps(given, params), _steps(read, params)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
@@ -267,35 +268,24 @@ def test_decoupled_wsam_reads_the_learning_rate_of_an_injected_base():
     assert leaf.dtype == jnp.float32 and leaf.shape == np.shape(like)
 
 
-def test_wsam_options_are_clear_errors():
-  with pytest.raises(TypeError, match='decouple=True .* base_optimizer='):
-    sam_optax.wsam(loss_fn)
-  with pytest.raises(ValueError, match='do not pass base_optimizer'):
-    sam_optax.wsam(loss_fn, decouple=False, base_optimizer=optax.sgd(0.1))
-  with pytest.raises(ValueError, match='gamma must be < 1.0'):
-    sam_optax.wsam(loss_fn, gamma=1.0, decouple=False)
-  tx = sam_optax.wsam(loss_fn, base_optimizer=optax.sgd(0.1))
-  with pytest.raises(ValueError, match='needs the learning rate'):
-    tx.init(_one_batch()[0])
-
-
-def test_decoupled_wsam_bad_traced_gamma_is_nan_and_inject_works():
+def test_decoupled_wsam_bad_traced_gamma_is_skipped_and_inject_works():
   params, x, y, grads = _one_batch()
-  injected = sam_optax.inject_hyperparams(sam_optax.wsam)(
-      loss_fn, rho=RHO, gamma=0.75, base_optimizer=optax.sgd(LR),
-      learning_rate=LR)
+  injected = sam_optax.inject_hyperparams(sam_optax.decoupled_wsam)(
+      loss_fn, optax.sgd(LR), rho=RHO, gamma=0.75, learning_rate=LR)
   state = injected.init(params)
   assert set(state.hyperparams) == {'rho', 'gamma', 'learning_rate'}
   good, _ = injected.update(grads, state, params, x=x, y=y)
-  want, _ = sam_optax.wsam(loss_fn, rho=RHO, gamma=0.75,
-                           base_optimizer=optax.sgd(LR),
-                           learning_rate=LR).update(
-      grads, injected.init(params).inner_state, params, x=x, y=y)
+  want, _ = sam_optax.decoupled_wsam(
+      loss_fn, optax.sgd(LR), rho=RHO, gamma=0.75, learning_rate=LR).update(
+          grads, injected.init(params).inner_state, params, x=x, y=y)
   for a, b in zip(jax.tree.leaves(good), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-6)
+  # A complete optimizer refuses the step: zero update, counted.
   state.hyperparams['gamma'] = jnp.asarray(1.5)
-  bad, _ = jax.jit(injected.update)(grads, state, params, x=x, y=y)
-  assert all(bool(jnp.all(jnp.isnan(u))) for u in jax.tree.leaves(bad))
+  bad, new = jax.jit(injected.update)(grads, state, params, x=x, y=y)
+  assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(bad))
+  assert int(new.inner_state.skipped_steps) == 1
+  assert int(new.inner_state.wsam.count) == 0
 
 
 # ----------------------------------------------------------------------------
@@ -503,6 +493,8 @@ def test_bsam_options_and_bad_values():
   with pytest.raises(ValueError, match='s_init must be a finite number > 0'):
     sam_optax.bsam(loss_fn, 0.1, num_data=10, s_init=0.0)
   params, x, y, grads = _one_batch()
+  # A NaN learning rate: the step is refused (a zero update, counted).
   tx = sam_optax.bsam(loss_fn, lambda count: jnp.nan, num_data=10)
-  out, _ = tx.update(grads, tx.init(params), params, x=x, y=y)
-  assert all(bool(jnp.all(jnp.isnan(u))) for u in jax.tree.leaves(out))
+  out, state = tx.update(grads, tx.init(params), params, x=x, y=y)
+  assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(out))
+  assert int(state.skipped_steps) == 1 and int(state.count) == 0

@@ -16,6 +16,7 @@ from sam_optax._src.pipeline import groups
 from sam_optax._src.pipeline import layouts
 from sam_optax._src.pipeline import transformation
 from sam_optax._src.variants import bounds
+from sam_optax._src.variants import complete
 
 PyTree = Any
 ScalarOrSchedule = Any  # a number or an optax schedule (count -> value)
@@ -33,6 +34,10 @@ class BSAMState(NamedTuple):
     precision: s, the posterior's precision per parameter (float32, like
       params; ``s_init`` before the first update).
     key: the raw PRNG key data (uint32) of the next noise sample.
+    skipped_steps: the number of steps refused because a gradient, a loss
+      or the update was not finite, or a traced hyperparameter was out of
+      bounds (int32); such a step leaves every other field as it was (the
+      key too: the next step draws the noise the refused one drew).
   """
 
   count: jax.Array
@@ -41,6 +46,7 @@ class BSAMState(NamedTuple):
   momentum: PyTree
   precision: PyTree
   key: jax.Array
+  skipped_steps: jax.Array
 
 
 def noise_like(key: jax.Array, params: PyTree) -> PyTree:
@@ -92,7 +98,8 @@ def _on(scalar_loss, loss_kwargs, local) -> _Examples:
 def _accumulated(scalar_loss, loss_kwargs, chunks, local) -> _Examples:
   """``Chunks(m, shared=True)``: the mean over the chunks, one at a time."""
   split, mask, n = batching.split_into_chunks(
-      _OWNER, loss_kwargs, chunks.m, chunks.batch_argnames)
+      _OWNER, loss_kwargs, chunks.m, chunks.batch_argnames,
+      chunks.shared_argnames)
 
   def mean(f):
     return batching.over_chunks(lambda kw: (f(kw), None), split, mask, n,
@@ -179,7 +186,8 @@ def _over_groups(scalar_loss, layout, loss_kwargs, params, precision,
     result = step(key, _accumulated(scalar_loss, loss_kwargs, chunks, local))
   else:
     split, mask, n = batching.split_into_chunks(
-        _OWNER, loss_kwargs, chunks.m, chunks.batch_argnames)
+        _OWNER, loss_kwargs, chunks.m, chunks.batch_argnames,
+        chunks.shared_argnames)
     keys = jax.random.key_data(jax.vmap(
         lambda i: jax.random.fold_in(key, i))(jnp.arange(n)))
 
@@ -244,6 +252,12 @@ def bsam(
   ``loss_fn`` accepts are forwarded to it. The noise comes from the state's
   key: ``key, sub = jax.random.split(key)`` each step, leaf i of
   :math:`\xi` drawn with ``jax.random.fold_in(sub, i)`` (`noise_like`).
+
+  A step whose gradients, losses or update are not finite, or whose traced
+  ``learning_rate`` or ``rho`` is negative or NaN, is skipped: a zero
+  update, every state field as it was (the count and the key too, so
+  training goes on as if the batch had not been there), and
+  ``skipped_steps`` counts it.
 
   **As the authors' JAX code** (team-approx-bayes/bayesian-sam, ``optim.py``
   ``build_bsam_optimizer``, with their ``wdecay = priorprec / Ndata`` as
@@ -362,11 +376,13 @@ def bsam(
     zero = jnp.zeros([], jnp.float32)
     return BSAMState(count=jnp.zeros([], jnp.int32), perturbed_loss=zero,
                      grad_norm=zero, momentum=f32(0.0), precision=f32(s_init),
-                     key=jax.random.key_data(jax.random.key(seed)))
+                     key=jax.random.key_data(jax.random.key(seed)),
+                     skipped_steps=complete.no_skipped_steps())
 
   def update_fn(updates, state, params=None, **extra_args):
     validation.check_params_given(_OWNER, params)
     validation.check_same_tree(_OWNER, updates, params)
+    validation.check_state(_OWNER, state, init_fn, params)
     lr, r = _value(learning_rate, state.count), _value(rho, state.count)
     ok = (lr >= 0) & (r >= 0)
     loss_kwargs = {k: v for k, v in extra_args.items()
@@ -380,15 +396,18 @@ def bsam(
         lambda m, ge, w: beta1 * m + (1 - beta1) * (
             ge.astype(jnp.float32) + delta * w.astype(jnp.float32)),
         state.momentum, grad_eps, params)
-    out = jax.tree.map(lambda m, si, u: jnp.where(ok, -lr * m / si, jnp.nan)
-                       .astype(u.dtype), momentum, s, updates)
+    out = jax.tree.map(lambda m, si, u: (-lr * m / si).astype(u.dtype),
+                       momentum, s, updates)
     precision = jax.tree.map(
         lambda si, gs: beta2 * si + (1 - beta2) * (gs + damping + delta),
         s, scaled)
-    return out, BSAMState(
+    new_state = BSAMState(
         count=optax.safe_increment(state.count),
         perturbed_loss=jnp.asarray(loss, jnp.float32), grad_norm=grad_norm,
         momentum=momentum, precision=precision,
-        key=jax.random.key_data(key))
+        key=jax.random.key_data(key), skipped_steps=state.skipped_steps)
+    # g is finite exactly when ||g|| is; g_eps enters the momentum.
+    ok = ok & complete.all_finite((out, new_state))
+    return complete.skip_unless_finite(ok, out, state, new_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
