@@ -35,8 +35,9 @@ from sam_optax._src.variants.sam import SAMState
 from sam_optax._src.variants.sam import sam
 from sam_optax._src.variants.vasso import VaSSOState
 from sam_optax._src.variants.vasso import vasso
-from sam_optax._src.variants.wsam import DecoupledWSAMState
-from sam_optax._src.variants.wsam import WSAMState
+from sam_optax._src.variants.decoupled_wsam import DecoupledWSAMState
+from sam_optax._src.variants.decoupled_wsam import WSAMState
+from sam_optax._src.variants.decoupled_wsam import decoupled_wsam
 from sam_optax._src.variants.wsam import wsam
 from sam_optax._src.variants.xsam import XSAMState
 from sam_optax._src.variants.xsam import xsam
@@ -64,6 +65,7 @@ __all__ = (
     'asam',
     'bsam',
     'chunked_value_and_grad',
+    'decoupled_wsam',
     'esam',
     'friendly_sam',
     'gsam',
