@@ -50,7 +50,7 @@ VARIANTS = [
     Variant('gsam', sam_optax.gsam, {'alpha': 0.4}),
     # gamma 0.6 (alpha 1.5): the quadratic's SAM-like orbit, scaled by alpha,
     # stays within the convergence test's tolerance.
-    Variant('wsam', sam_optax.wsam, {'decouple': False, 'gamma': 0.6}),
+    Variant('wsam', sam_optax.wsam, {'gamma': 0.6}),
     # Friendly SAM and VaSSO keep a gradient average whose first step is SAM.
     # test_rho_schedule_is_evaluated_on_own_count compares step k of a
     # running transformation with a fresh one (stateless by assumption), so
