@@ -30,6 +30,7 @@ BENCHMARKS = {
     'xsam': 'bench_xsam.py',
     'devices': 'bench_devices.py',
     'hessian': 'bench_hessian.py',
+    'helpers_call': 'bench_helpers_call.py',
     'xsam_defaults': 'xsam_defaults.py',
     'crosscheck': 'crosscheck_family.py',
     'efficient': 'bench_efficient.py',

@@ -179,8 +179,8 @@ def test_apgd_checkpoints():
 
 
 def sharpness_checkpoints(n):
-  from sam_optax._src.sharpness import perturbation  # pylint: disable=g-import-not-at-top
-  return perturbation.apgd_checkpoints(n)
+  from sam_optax._src.sharpness import apgd  # pylint: disable=g-import-not-at-top
+  return apgd.apgd_checkpoints(n)
 
 
 # --- average-case sharpness -----------------------------------------------

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from sam_optax._src.core import directions
 from sam_optax._src.core import validation
 from sam_optax._src.sharpness import curvature as curvature_lib
-from sam_optax._src.sharpness import objective as objective_lib
+from sam_optax._src.sharpness import checks
 
 PyTree = Any
 
@@ -114,7 +114,7 @@ def selectable(helper: Callable[..., Any]) -> Callable[..., Any]:
     if select is None and not per_leaf:
       return helper(loss_fn, params, *args, curvature=curvature, **kwargs)
     validation.check_loss_fn(owner, loss_fn)
-    objective_lib.check_params(owner, params)
+    checks.check_params(owner, params)
     curvature_lib.check_curvature(owner, curvature)
     leaves, treedef = jax.tree.flatten(params)
     indices = _selected(owner, select, leaves, params)

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 
 from sam_optax._src.core import tree_math
 from sam_optax._src.core import validation
+from sam_optax._src.sharpness import compiled
+from sam_optax._src.sharpness import checks
 from sam_optax._src.sharpness import objective as objective_lib
 
 PyTree = Any
@@ -64,8 +66,8 @@ def filter_normalized_direction(
     Li et al., `Visualizing the Loss Landscape of Neural Nets
     <https://arxiv.org/abs/1712.09913>`_, NeurIPS 2018.
   """
-  objective_lib.check_params('filter_normalized_direction', params)
-  key = objective_lib.resolve_key(key)
+  checks.check_params('filter_normalized_direction', params)
+  key = checks.resolve_key(key)
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(key, max(len(leaves), 1))
   out = []
@@ -128,7 +130,7 @@ def _span(owner: str, span: Any) -> Span:
 
 
 def _check_like(owner: str, name: str, tree: PyTree, params: PyTree) -> None:
-  objective_lib.check_params(owner, tree, name)
+  checks.check_params(owner, tree, name)
   if jax.tree.structure(tree) != jax.tree.structure(params):
     raise ValueError(
         f'{owner}: {name} must have the structure of params:'
@@ -165,6 +167,7 @@ def _grid(span: Span, num: int) -> jax.Array:
   return jnp.asarray(values, jnp.float32)
 
 
+@compiled.reuse_compiled
 def loss_landscape_1d(
     loss_fn: Callable[..., Any],
     params: PyTree,
@@ -276,6 +279,7 @@ def loss_landscape_1d(
   return Landscape1D(alphas=alphas, losses=losses)
 
 
+@compiled.reuse_compiled
 def loss_landscape_2d(
     loss_fn: Callable[..., Any],
     params: PyTree,
@@ -372,7 +376,7 @@ def loss_landscape_2d(
       owner, loss_fn, params, loss_kwargs=loss_kwargs, batches=batches,
       has_aux=has_aux, layout=layout)
   if directions is None:
-    key1, key2 = jax.random.split(objective_lib.resolve_key(key))
+    key1, key2 = jax.random.split(checks.resolve_key(key))
     d1, d2 = (_random_direction(owner, params, k, filter_axis, ignore_1d)
               for k in (key1, key2))
   else:

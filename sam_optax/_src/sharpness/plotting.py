@@ -7,7 +7,7 @@ from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 
-from sam_optax._src.sharpness import hessian
+from sam_optax._src.sharpness import density as density_lib
 from sam_optax._src.sharpness import landscape
 from sam_optax._src.sharpness import trajectory
 
@@ -129,7 +129,7 @@ def plot_loss_landscape(
 
 
 def plot_spectral_density(
-    densities: Union[hessian.SpectralDensity, Mapping[str, Any]],
+    densities: Union[density_lib.SpectralDensity, Mapping[str, Any]],
     path: Union[str, os.PathLike],
     *,
     title: Optional[str] = None,
@@ -161,7 +161,7 @@ def plot_spectral_density(
     Hessian Eigenvalue Density <https://arxiv.org/abs/1901.10159>`_,
     ICML 2019.
   """
-  items = _as_mapping(densities, hessian.SpectralDensity)
+  items = _as_mapping(densities, density_lib.SpectralDensity)
   figure = _figure()
   axis = figure.add_subplot()
   for name, value in items.items():

@@ -12,6 +12,7 @@ import numpy as np
 from sam_optax._src.core import tree_math
 from sam_optax._src.core import validation
 from sam_optax._src.sharpness import landscape
+from sam_optax._src.sharpness import compiled
 from sam_optax._src.sharpness import objective as objective_lib
 
 PyTree = Any
@@ -201,6 +202,7 @@ def _around(coords: jax.Array, num: int, margin: float) -> jax.Array:
   return jnp.linspace(low - pad, high + pad, num).astype(jnp.float32)
 
 
+@compiled.reuse_compiled
 def trajectory_pca(
     loss_fn: Callable[..., Any],
     checkpoints: Sequence[PyTree],
