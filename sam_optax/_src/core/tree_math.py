@@ -38,10 +38,14 @@ def _max_abs(leaves: list) -> jax.Array:
 
 
 def _scaled(leaves: list, scale: jax.Array) -> list:
-  """Each leaf divided by ``scale`` (by 1 where scale is 0, inf or NaN)."""
+  """Each leaf divided by ``scale`` (by 1 where scale is 0, inf or NaN).
+
+  As two products by 1 / sqrt(scale): XLA:CPU divides by multiplying with
+  the reciprocal and flushes subnormals to zero, so x / 1e38 would be 0.
+  """
   usable = (scale > 0) & jnp.isfinite(scale)
-  divisor = jnp.where(usable, scale, 1.0)
-  return [x / divisor.astype(x.dtype) for x in leaves]
+  root = jax.lax.rsqrt(jnp.where(usable, scale, 1.0))
+  return [(x * root.astype(x.dtype)) * root.astype(x.dtype) for x in leaves]
 
 
 def _vdot(a: list, b: list) -> jax.Array:
