@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import inspect
 import numbers
+import warnings
 from typing import Any, Callable, Optional
 
 import jax
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from sam_optax._src.core import directions
+from sam_optax._src.core import masks
 from sam_optax._src.core import tree_math
 from sam_optax._src.core import validation
 from sam_optax._src.pipeline import groups
@@ -49,6 +51,10 @@ _COMMON = (
     inspect.Parameter('track_cosine', inspect.Parameter.KEYWORD_ONLY,
                       default=False, annotation='bool'),
 )
+
+
+class IgnoredKeywordWarning(UserWarning):
+  """A keyword argument of ``update`` that ``loss_fn`` does not accept."""
 
 
 def transformation(factory: Callable[..., Variant]):
@@ -95,7 +101,7 @@ def evaluate(variant: Variant, count: jax.Array) -> dict[str, jax.Array]:
     value = jnp.asarray(value(count) if callable(value) else value,
                         jnp.float32)
     ok = value > 0 if name in variant.positive else value >= 0
-    values[name] = jnp.where(ok, value, jnp.nan)
+    values[name] = tree_math.nan_unless(ok, value)
   return values
 
 
@@ -202,14 +208,16 @@ class Pipeline:
       # The group's g0 is the incoming gradient (averaged over the group's
       # devices with sync=True): exactly what the base optimizer would get.
       out = self.base_at_zero_rho(step, g0, out)
+    # A diagnostic that is not measured holds 0, never a NaN sentinel: a
+    # healthy state holds no NaN (users hunt NaNs with jax_debug_nans).
     if self.variant.uses_clean_grad or self.track_cosine:
       grad_norm = tree_math.tree_norm(g0)
     else:  # g0 is not read at all: XLA can drop the caller's clean gradient
-      grad_norm = jnp.full([], jnp.nan, jnp.float32)
+      grad_norm = jnp.zeros([], jnp.float32)
     if self.track_cosine:  # keeps g0 alive to the end: +1 buffer, 2 passes
       cosine = tree_math.safe_cosine(g0, out)
     else:
-      cosine = jnp.full([], jnp.nan, jnp.float32)
+      cosine = jnp.zeros([], jnp.float32)
     agree = self.variant.agree
     own = [(f, getattr(result.state, f)) for f in self.variant.state._fields[4:]]
     means = tuple(v for f, v in own if agree[f] == 'mean')
@@ -239,18 +247,40 @@ class Pipeline:
     return self.variant.state(optax.safe_increment(state.count),
                               *diagnostics, *own)
 
+  def forwarded(self, extra_args: dict) -> dict:
+    """The keyword arguments ``loss_fn`` accepts; warns about the others.
+
+    Keywords that ``loss_fn`` does not accept are not passed to it, so that
+    the transformation chains with others that take their own keywords. A
+    misspelled keyword (``dropout_rng=`` for ``dropout_key=``) would then
+    vanish silently: an `IgnoredKeywordWarning` names it, once per trace.
+    """
+    if self.accepted is None:
+      return dict(extra_args)
+    ignored = sorted(set(extra_args) - self.accepted)
+    if ignored:
+      warnings.warn(
+          f'{self.variant.name}: loss_fn does not accept the keyword'
+          f' argument(s) {ignored}, so they are not passed to it (it accepts'
+          f' {sorted(self.accepted)}). If one is misspelled, rename it; if it'
+          ' is meant for another transformation of the chain, silence this'
+          " with warnings.filterwarnings('ignore',"
+          ' category=sam_optax.IgnoredKeywordWarning).',
+          IgnoredKeywordWarning, stacklevel=3)
+    return {k: v for k, v in extra_args.items() if k in self.accepted}
+
   def update(self, updates, state, params=None, **extra_args):
     owner = self.variant.name
     validation.check_params_given(owner, params)
     validation.check_same_tree(owner, updates, params)
     _check_real(owner, params)
-    loss_kwargs = {k: v for k, v in extra_args.items()
-                   if self.accepted is None or k in self.accepted}
+    loss_kwargs = self.forwarded(extra_args)
+    groups.check_layout_fits(owner, self.layout, updates)
     mask = None if self.perturbation_mask is None else (
         directions.resolve_mask(owner, 'perturbation_mask',
                                 self.perturbation_mask, params))
     batch = groups.Batch(owner, updates, params, loss_kwargs,
-                         jax.value_and_grad(self.scalar_loss),
+                         validation.value_and_grad(self.scalar_loss),
                          self.scalar_loss)
     step = _Step(batch, state, evaluate(self.variant, state.count), mask)
     decision, decided = self.decide(step)
@@ -262,7 +292,33 @@ class Pipeline:
       out = self.base_at_zero_rho(step, updates, out)
     out, diagnostics, means = groups.reduce_step(
         self.layout, out, diagnostics, means)
-    return out, self.agreed_state(state, diagnostics, means, others)
+    return skip_if_not_finite(
+        out, state, self.agreed_state(state, diagnostics, means, others))
+
+
+def all_finite(tree: PyTree) -> jax.Array:
+  """Whether every entry of every floating leaf of ``tree`` is finite."""
+  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return functools.reduce(jnp.logical_and, checks, jnp.asarray(True))
+
+
+def skip_if_not_finite(out: PyTree, state, new_state):
+  """One bad batch never poisons a state: the rule every variant runs under.
+
+  If the step is not finite -- the clean gradient (its norm, a diagnostic),
+  a loss or gradient at the perturbed point, a hyperparameter out of bounds,
+  or any of the variant's new state fields -- the whole state is returned
+  exactly as it was (count, EMAs, momenta, statistics, stored directions)
+  and the update is made non-finite, so that `optax.apply_if_finite` after
+  the transformation skips it: training goes on as if the batch had not
+  been there. Every value checked is already agreed over the devices, so
+  all devices take the same decision.
+  """
+  ok = all_finite(out) & all_finite(new_state)
+  kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state,
+                      state)
+  return tree_math.nan_unless(ok, out), kept
 
 
 def build(variant: Variant, loss_fn, *, ascent_steps: int = 1,
@@ -273,8 +329,11 @@ def build(variant: Variant, loss_fn, *, ascent_steps: int = 1,
                                 perturbation_mask, layout, track_cosine)
   pipeline = Pipeline(
       variant=variant, layout=layout, ascent_steps=ascent_steps,
-      track_cosine=track_cosine, perturbation_mask=perturbation_mask,
+      track_cosine=track_cosine,
+      perturbation_mask=masks.perturbed_leaves(variant.name,
+                                               perturbation_mask),
       accepted=forwarded_names(loss_fn),
       scalar_loss=validation.checked_scalar_loss(variant.name, loss_fn,
                                                  has_aux))
-  return optax.GradientTransformationExtraArgs(variant.init, pipeline.update)
+  return optax.GradientTransformationExtraArgs(variant.init, (
+      validation.checked_update(variant.name, variant.init, pipeline.update)))
