@@ -158,9 +158,11 @@ def _python_bool(owner: str, where: str, value: Any) -> bool:
   if isinstance(value, jax.core.Tracer):
     raise TypeError(
         f'{owner}: perturbation_mask gave a traced value for {where}: under'
-        ' jax.jit a mask cannot depend on the parameters\' values. Decide'
-        ' from the names, shapes and dtypes and return Python bools, e.g.'
-        ' lambda p: jax.tree.map(lambda x: x.ndim > 1, p).')
+        ' jax.jit a jnp value is traced (even jnp.asarray(True)), so it'
+        ' cannot choose the leaves, and a mask cannot depend on the'
+        ' parameters\' values. Return Python bools decided from the names,'
+        ' shapes and dtypes, e.g. lambda p: jax.tree.map(lambda x: x.ndim >'
+        ' 1, p).')
   if np.ndim(value) != 0:
     raise TypeError(
         f'{owner}: perturbation_mask gave an array of shape'

@@ -165,6 +165,17 @@ def is_float_leaf(leaf: Any) -> bool:
   return jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
 
 
+def check_params_are_arrays(owner: str, params: Any) -> None:
+  """A Python number among the parameters is an error that names it."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if isinstance(leaf, (numbers.Number, np.generic)):
+      raise TypeError(
+          f'{owner}: parameter {jax.tree_util.keystr(path)} is a Python'
+          f' {type(leaf).__name__} ({leaf!r}), not an array. Make every'
+          ' parameter an array, e.g. params = jax.tree.map(jnp.asarray,'
+          ' params), or close over a constant in loss_fn.')
+
+
 def check_param_leaves(owner: str, updates: Any, params: Any) -> None:
   """Every parameter an array; no float0 gradient (optax takes none either).
 
@@ -174,13 +185,7 @@ def check_param_leaves(owner: str, updates: Any, params: Any) -> None:
   allow_int=True)`` gives for them -- is refused, since optax's own
   transformations (``optax.sgd``, ``optax.adam``) cannot take it.
   """
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    if isinstance(leaf, (numbers.Number, np.generic)):
-      raise TypeError(
-          f'{owner}: parameter {jax.tree_util.keystr(path)} is a Python'
-          f' {type(leaf).__name__} ({leaf!r}), not an array. Make every'
-          ' parameter an array, e.g. params = jax.tree.map(jnp.asarray,'
-          ' params), or close over a constant in loss_fn.')
+  check_params_are_arrays(owner, params)
   for path, leaf in jax.tree_util.tree_flatten_with_path(updates)[0]:
     if getattr(leaf, 'dtype', None) == jax.dtypes.float0:
       raise TypeError(
@@ -196,23 +201,36 @@ def check_param_leaves(owner: str, updates: Any, params: Any) -> None:
 def value_and_grad(loss: Callable[..., jax.Array]) -> Callable[..., Any]:
   """`jax.value_and_grad` of ``loss``; integer / bool leaves get a zero.
 
-  The gradient of a non-float leaf is zeros of the leaf's own dtype (never
-  float0), so the pieces treat it as a parameter that does not move.
+  The gradient of a non-float leaf is float32 zeros (never float0), so the
+  pieces treat it as a parameter that does not move.
   """
   both = jax.value_and_grad(loss, allow_int=True)
 
   def value_and_gradient(params, *args):
     value, grad = both(params, *args)
     return value, jax.tree.map(
-        lambda g, p: jnp.zeros(jnp.shape(p), jnp.result_type(p))
+        lambda g, p: jnp.zeros(jnp.shape(p), jnp.float32)
         if g.dtype == jax.dtypes.float0 else g, grad, params)
 
   return value_and_gradient
 
 
+def _has_non_float(params: Any) -> bool:
+  return params is not None and not all(
+      is_float_leaf(p) for p in jax.tree.leaves(params))
+
+
+def float_gradient(updates: Any, params: Any) -> Any:
+  """The gradient the pieces see: float32 zeros on integer / bool leaves."""
+  if not _has_non_float(params):
+    return updates
+  return jax.tree.map(lambda g, p: g if is_float_leaf(p) else jnp.zeros(
+      jnp.shape(p), jnp.float32), updates, params)
+
+
 def carry_non_float(out: Any, updates: Any, params: Any) -> Any:
   """The incoming gradient of every integer / bool leaf, handed on as is."""
-  if params is None or all(is_float_leaf(p) for p in jax.tree.leaves(params)):
+  if not _has_non_float(params):
     return out
   return jax.tree.map(lambda o, g, p: o if is_float_leaf(p) else g, out,
                       updates, params)
@@ -261,22 +279,30 @@ def check_state(owner: str, state: Any, init: Callable[[Any], Any],
           + fix)
 
 
-def checked_update(owner: str, init: Callable[[Any], Any],
-                   update: Callable[..., Any]) -> Callable[..., Any]:
-  """``update`` behind the early checks of its inputs (at trace time).
+def checked(owner: str, init: Callable[[Any], Any],
+            update: Callable[..., Any]) -> tuple[Callable[..., Any],
+                                                 Callable[..., Any]]:
+  """``(init, update)`` behind the early checks of their inputs.
 
   Parameters are arrays, the state is ``init(params)``'s in structure and
-  shapes, and integer / bool leaves are carried through (`check_param_leaves`).
+  shapes (checked when ``update`` is traced), and integer / bool leaves are
+  carried through (`check_param_leaves`): the pieces see a float32 zero
+  gradient there, and their incoming gradient is handed on as it came.
   """
 
-  def checked(updates, state, params=None, **extra_args):
+  def checked_init(params):
+    check_params_are_arrays(owner, params)
+    return init(params)
+
+  def checked_update(updates, state, params=None, **extra_args):
     if params is not None:
       check_param_leaves(owner, updates, params)
     check_state(owner, state, init, params)
-    out, new_state = update(updates, state, params, **extra_args)
+    out, new_state = update(float_gradient(updates, params), state, params,
+                            **extra_args)
     return carry_non_float(out, updates, params), new_state
 
-  return checked
+  return checked_init, checked_update
 
 
 # update(updates, state, params, **loss_kwargs) takes these names itself

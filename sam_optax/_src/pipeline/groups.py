@@ -61,13 +61,14 @@ def per_example_losses(batch: Batch, kwargs: dict, names) -> jax.Array:
   with ``names`` as its ``batch_argnames``) and the loss is vmapped over
   them, so example i's loss is ``loss_fn`` on a batch of that one example.
   """
-  split, mask, _ = batching.split_into_chunks(batch.owner, kwargs, 1, names)
-  in_axes = jax.tree.map(lambda b: 0 if b else None, mask)
 
   def losses(w):
     # The whole group's loss is checked first (abstractly, no compute), so
-    # a bad loss_fn's error names the group's shapes, not one example's.
+    # a bad loss_fn's error names the group's shapes, not one example's,
+    # and a keyword it lacks is named before the batch is split.
     jax.eval_shape(lambda: batch.loss(w, kwargs))
+    split, mask, _ = batching.split_into_chunks(batch.owner, kwargs, 1, names)
+    in_axes = jax.tree.map(lambda b: 0 if b else None, mask)
     return jax.vmap(lambda kw: batch.loss(w, kw), in_axes=(in_axes,))(split)
 
   return losses
