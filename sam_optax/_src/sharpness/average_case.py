@@ -66,39 +66,20 @@ def average_case_sharpness(
     >>> bool(abs(out.sharpness - 0.5) < 4 * out.standard_error)
     True
 
+  The shared arguments and errors: see `sam_optax.sharpness`.
+
   Args:
-    loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar loss.
-    params: the weights w.
     sigma: standard deviation of the noise, > 0.
     num_samples: number of Gaussian draws, >= 1.
     adaptive: scale the noise by :math:`|w| + \eta`.
     eta: offset of the adaptive metric, >= 0.
-    key: PRNG key (default: a fixed key).
-    loss_kwargs: keyword arguments of ``loss_fn`` (shared ones with
-      ``batches``).
-    batches: an iterable of ``loss_kwargs`` dicts (the dataset loss).
-    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
-    layout: where the batch lies: ``None`` (on this device), or
-      ``sam_optax.PerDevice(axis)`` inside `jax.pmap` / `jax.shard_map` with
-      the batch sharded over ``axis`` (the measurement is that of the global
-      batch, identical on every device: one all-reduce per loss, gradient
-      or curvature product), or ``sam_optax.Chunks(m, shared=True)`` (the
-      batch accumulated over chunks of m examples, memory of one chunk).
   Returns:
     An `AverageCaseSharpness` (sharpness, standard_error); NaN when L(w)
     or any perturbed loss is NaN.
 
   Raises:
-    TypeError: params with a complex leaf (split it into real parts,
-      ``{'re': w.real, 'im': w.imag}``, rebuilt inside loss_fn) or an
-      integer leaf; loss_kwargs that is not a dict; a loss_fn whose output
-      disagrees with ``has_aux`` (the message names ``has_aux=True`` or
-      ``has_aux=False``), or that returns a dict (e.g. ``jax.grad(loss_fn)``
-      passed by mistake).
-    ValueError: a loss that is not a scalar; empty or unequally shaped
-      ``batches``;
-      sigma not a finite number > 0; num_samples < 1.
+    ValueError: sigma not a finite number > 0; num_samples < 1.
 
   References:
     Keskar et al., `On Large-Batch Training for Deep Learning

@@ -50,38 +50,18 @@ def first_order_sharpness(
     >>> print(f'{s:.3f}')
     0.500
 
+  The shared arguments and errors: see `sam_optax.sharpness`.
+
   Args:
-    loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar loss (or
-      ``(loss, aux)`` with ``has_aux=True``).
-    params: the weights w, a pytree.
     rho: radius of the ball, > 0.
     adaptive: measure in the ASAM metric :math:`T_w = |w| + \eta`.
     eta: offset of the adaptive metric, >= 0.
-    loss_kwargs: keyword arguments of ``loss_fn`` (one batch); with
-      ``batches``, the arguments shared by every batch.
-    batches: an iterable of ``loss_kwargs`` dicts; the dataset loss (mean over
-      the batches) is measured.
-    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
-    layout: where the batch lies: ``None`` (on this device), or
-      ``sam_optax.PerDevice(axis)`` inside `jax.pmap` / `jax.shard_map` with
-      the batch sharded over ``axis`` (the measurement is that of the global
-      batch, identical on every device: one all-reduce per loss, gradient
-      or curvature product), or ``sam_optax.Chunks(m, shared=True)`` (the
-      batch accumulated over chunks of m examples, memory of one chunk).
   Returns:
     The sharpness, a float32 scalar; NaN when L(w) is NaN or infinite.
 
   Raises:
-    TypeError: params with a complex leaf (split it into real parts,
-      ``{'re': w.real, 'im': w.imag}``, rebuilt inside loss_fn) or an
-      integer leaf; loss_kwargs that is not a dict; a loss_fn whose output
-      disagrees with ``has_aux`` (the message names ``has_aux=True`` or
-      ``has_aux=False``), or that returns a dict (e.g. ``jax.grad(loss_fn)``
-      passed by mistake).
-    ValueError: a loss that is not a scalar; empty or unequally shaped
-      ``batches``;
-      rho not a finite number > 0; eta < 0.
+    ValueError: rho not a finite number > 0; eta < 0.
 
   References:
     Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
@@ -132,37 +112,19 @@ def sam_sharpness(
     >>> print(f'{s:.3f}')
     0.505
 
+  The shared arguments and errors: see `sam_optax.sharpness`.
+
   Args:
-    loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar loss.
-    params: the weights w.
     rho: radius, > 0.
     adaptive: use ASAM's metric.
     eta: offset of the adaptive metric, >= 0.
-    loss_kwargs: keyword arguments of ``loss_fn`` (shared ones with
-      ``batches``).
-    batches: an iterable of ``loss_kwargs`` dicts (the dataset loss).
-    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
-    layout: where the batch lies: ``None`` (on this device), or
-      ``sam_optax.PerDevice(axis)`` inside `jax.pmap` / `jax.shard_map` with
-      the batch sharded over ``axis`` (the measurement is that of the global
-      batch, identical on every device: one all-reduce per loss, gradient
-      or curvature product), or ``sam_optax.Chunks(m, shared=True)`` (the
-      batch accumulated over chunks of m examples, memory of one chunk).
   Returns:
     :math:`L(w + \epsilon) - L(w)`, a float32 scalar; NaN when either loss
     is NaN (or L(w) infinite).
 
   Raises:
-    TypeError: params with a complex leaf (split it into real parts,
-      ``{'re': w.real, 'im': w.imag}``, rebuilt inside loss_fn) or an
-      integer leaf; loss_kwargs that is not a dict; a loss_fn whose output
-      disagrees with ``has_aux`` (the message names ``has_aux=True`` or
-      ``has_aux=False``), or that returns a dict (e.g. ``jax.grad(loss_fn)``
-      passed by mistake).
-    ValueError: a loss that is not a scalar; empty or unequally shaped
-      ``batches``;
-      rho not a finite number > 0; eta < 0.
+    ValueError: rho not a finite number > 0; eta < 0.
 
   References:
     Foret et al., `Sharpness-Aware Minimization for Efficiently Improving

@@ -50,7 +50,6 @@ def filter_normalized_direction(
 
   Args:
     params: the weights w.
-    key: PRNG key (default: a fixed key).
     filter_axis: the axis that indexes filters (output units); -1 for Flax
       and Equinox-style kernels, 0 for PyTorch-style ``(out, in, ...)``.
     ignore_1d: zero direction for leaves with ndim <= 1 (else d = w there).
@@ -209,42 +208,23 @@ def loss_landscape_1d(
     >>> print(out.alphas, out.losses)
     [0.   0.25 0.5  0.75 1.  ] [0.    0.125 0.5   1.125 2.   ]
 
+  The shared arguments and errors: see `sam_optax.sharpness`.
+
   Args:
-    loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar loss.
-    params: the centre w.
     direction: d, a pytree like params (used as given).
     endpoint: w', a pytree like params (exclusive with ``direction``).
     num_points: number of alphas, >= 2.
     span: (low, high) of alpha.
     filter_axis: see `filter_normalized_direction` (random direction only).
     ignore_1d: see `filter_normalized_direction` (random direction only).
-    key: PRNG key for the random direction (default: a fixed key).
-    loss_kwargs: keyword arguments of ``loss_fn`` (shared ones with
-      ``batches``).
-    batches: an iterable of ``loss_kwargs`` dicts (the dataset loss).
-    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
-    layout: where the batch lies: ``None`` (on this device), or
-      ``sam_optax.PerDevice(axis)`` inside `jax.pmap` / `jax.shard_map` with
-      the batch sharded over ``axis`` (the measurement is that of the global
-      batch, identical on every device: one all-reduce per loss, gradient
-      or curvature product), or ``sam_optax.Chunks(m, shared=True)`` (the
-      batch accumulated over chunks of m examples, memory of one chunk).
   Returns:
     A `Landscape1D` (alphas, losses); each loss as loss_fn gives it (NaN
     where it is NaN).
 
   Raises:
-    TypeError: params with a complex leaf (split it into real parts,
-      ``{'re': w.real, 'im': w.imag}``, rebuilt inside loss_fn) or an
-      integer leaf; loss_kwargs that is not a dict; a loss_fn whose output
-      disagrees with ``has_aux`` (the message names ``has_aux=True`` or
-      ``has_aux=False``), or that returns a dict (e.g. ``jax.grad(loss_fn)``
-      passed by mistake).
     TypeError: a complex or integer direction or endpoint.
-    ValueError: a loss that is not a scalar; empty or unequally shaped
-      ``batches``;
-      both direction and endpoint, or one not like params; num_points < 2;
+    ValueError: both direction and endpoint, or one not like params; num_points < 2;
       span not a pair low < high.
 
   References:
@@ -319,41 +299,22 @@ def loss_landscape_2d(
      [1. 0. 1.]
      [3. 2. 3.]]
 
+  The shared arguments and errors: see `sam_optax.sharpness`.
+
   Args:
-    loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar loss.
-    params: the centre w.
     directions: (d1, d2), pytrees like params (used as given).
     num_points: grid points per axis, an int or (nx, ny), each >= 2.
     span: (low, high) for both axes, or ((low, high), (low, high)).
     filter_axis: see `filter_normalized_direction`.
     ignore_1d: see `filter_normalized_direction`.
-    key: PRNG key for the random directions (default: a fixed key).
-    loss_kwargs: keyword arguments of ``loss_fn`` (shared ones with
-      ``batches``).
-    batches: an iterable of ``loss_kwargs`` dicts (the dataset loss).
-    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
-    layout: where the batch lies: ``None`` (on this device), or
-      ``sam_optax.PerDevice(axis)`` inside `jax.pmap` / `jax.shard_map` with
-      the batch sharded over ``axis`` (the measurement is that of the global
-      batch, identical on every device: one all-reduce per loss, gradient
-      or curvature product), or ``sam_optax.Chunks(m, shared=True)`` (the
-      batch accumulated over chunks of m examples, memory of one chunk).
   Returns:
     A `Landscape2D` (alphas, betas, losses); each loss as loss_fn gives it
     (NaN where it is NaN).
 
   Raises:
-    TypeError: params with a complex leaf (split it into real parts,
-      ``{'re': w.real, 'im': w.imag}``, rebuilt inside loss_fn) or an
-      integer leaf; loss_kwargs that is not a dict; a loss_fn whose output
-      disagrees with ``has_aux`` (the message names ``has_aux=True`` or
-      ``has_aux=False``), or that returns a dict (e.g. ``jax.grad(loss_fn)``
-      passed by mistake).
     TypeError: complex or integer directions.
-    ValueError: a loss that is not a scalar; empty or unequally shaped
-      ``batches``;
-      directions not a pair like params; num_points < 2; span not a pair
+    ValueError: directions not a pair like params; num_points < 2; span not a pair
       (or two pairs) low < high.
 
   References:

@@ -154,10 +154,11 @@ def m_sharpness(
     >>> print(f'{top:.3f}')  # H_C = x_C^T x_C / 2: (1/2 + 1) / 2
     0.750
 
+  The shared arguments and errors: see `sam_optax.sharpness`.
+
   Args:
     loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar loss
       averaged over the examples it is given.
-    params: the weights w (real floating-point leaves).
     m: examples per chunk; must divide the batch size.
     measure: a sharpness helper ``measure(loss_fn, params, *, loss_kwargs,
       has_aux, **measure_options)`` returning an array or a NamedTuple with
@@ -167,31 +168,21 @@ def m_sharpness(
     loss_kwargs: a dict of keyword arguments of ``loss_fn`` holding the batch
       (with ``batches``: arguments shared by every batch, not split).
     batches: an iterable of batch dicts, each split into chunks of m.
-    has_aux: whether ``loss_fn`` returns ``(loss, aux)``; a mismatch is a
-      TypeError naming ``has_aux``.
     **measure_options: forwarded to ``measure`` (e.g. ``rho``).
-
     layout: ``None``, or ``sam_optax.PerDevice(axis)`` with the batch
       sharded over ``axis`` inside pmap / shard_map (the mean over the
       chunks of every device).
+
   Returns:
     The mean over chunks of the per-chunk value, float32 (a scalar, or the
     shape of the per-chunk value, e.g. (k,) for `hessian_eigenvalues`);
     NaN when the measure is NaN on any chunk.
 
   Raises:
-    TypeError: params with a complex leaf (split it into real parts,
-      ``{'re': w.real, 'im': w.imag}``, rebuilt inside loss_fn) or an
-      integer leaf; loss_kwargs that is not a dict; a loss_fn whose output
-      disagrees with ``has_aux`` (the message names ``has_aux=True`` or
-      ``has_aux=False``), or that returns a dict (e.g. ``jax.grad(loss_fn)``
-      passed by mistake).
     TypeError: a measure whose result has no main field (e.g.
       `hessian_spectral_density`); measure options named loss_kwargs,
       batches, has_aux or key (pass those to m_sharpness itself).
-    ValueError: a loss that is not a scalar; empty or unequally shaped
-      ``batches``;
-      no batch to split; m not dividing the batch size.
+    ValueError: no batch to split; m not dividing the batch size.
 
   References:
     Foret et al., `Sharpness-Aware Minimization for Efficiently Improving

@@ -107,35 +107,17 @@ def hessian_vector_product(
     >>> print(hv)
     [4. 2.]
 
-  Args:
-    loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar loss.
-    params: the weights w.
-    vector: v, a pytree like params.
-    loss_kwargs: keyword arguments of ``loss_fn`` (shared ones with
-      ``batches``).
-    batches: an iterable of ``loss_kwargs`` dicts (the dataset loss).
-    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+  The shared arguments and errors: see `sam_optax.sharpness`.
 
-    layout: where the batch lies: ``None`` (on this device), or
-      ``sam_optax.PerDevice(axis)`` inside `jax.pmap` / `jax.shard_map` with
-      the batch sharded over ``axis`` (the measurement is that of the global
-      batch, identical on every device: one all-reduce per loss, gradient
-      or curvature product), or ``sam_optax.Chunks(m, shared=True)`` (the
-      batch accumulated over chunks of m examples, memory of one chunk).
+  Args:
+    vector: v, a pytree like params.
+
   Returns:
     :math:`H v`, a pytree like params; NaN when L(w) is NaN or infinite.
 
   Raises:
-    TypeError: params with a complex leaf (split it into real parts,
-      ``{'re': w.real, 'im': w.imag}``, rebuilt inside loss_fn) or an
-      integer leaf; loss_kwargs that is not a dict; a loss_fn whose output
-      disagrees with ``has_aux`` (the message names ``has_aux=True`` or
-      ``has_aux=False``), or that returns a dict (e.g. ``jax.grad(loss_fn)``
-      passed by mistake).
     TypeError: a complex or integer vector.
-    ValueError: a loss that is not a scalar; empty or unequally shaped
-      ``batches``;
-      a vector whose structure differs from params.
+    ValueError: a vector whose structure differs from params.
 
   References:
     Pearlmutter, `Fast Exact Multiplication by the Hessian

@@ -131,63 +131,18 @@ def hessian_trace(
     >>> print(f'{out.trace:.3f}')
     10.000
 
+  The shared arguments and errors: see `sam_optax.sharpness`.
+
   Args:
-    loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar loss.
-    params: the weights w.
     num_samples: the HVP budget N, >= 1 (>= 3 for Hutch++).
     method: ``'hutchinson'`` or ``'hutch++'``.
-    key: PRNG key for the probes (default: a fixed key).
-    loss_kwargs: keyword arguments of ``loss_fn`` (shared ones with
-      ``batches``).
-    batches: an iterable of ``loss_kwargs`` dicts (the dataset loss).
-    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
-    curvature: the matrix C whose spectrum is measured: ``'hessian'``
-      (the default), `GGN` (``sharpness.GGN(apply_fn, output_loss)``,
-      :math:`J^\top H_{\text{out}} J`, PSD) or `EmpiricalFisher`
-      (``sharpness.EmpiricalFisher(per_example_loss)``); H below is then C;
-      anything else is a ValueError.
-    layout: where the batch lies: ``None`` (on this device), or
-      ``sam_optax.PerDevice(axis)`` inside `jax.pmap` / `jax.shard_map` with
-      the batch sharded over ``axis`` (the measurement is that of the global
-      batch, identical on every device: one all-reduce per loss, gradient
-      or curvature product), or ``sam_optax.Chunks(m, shared=True)`` (the
-      batch accumulated over chunks of m examples, memory of one chunk).
-    select: which leaves' curvature block to measure (SAM-ON's
-      ``perturbation_mask`` forms: a pytree of bools like params, a
-      function ``params -> pytree of bools``, or a predicate
-      ``(path, leaf) -> bool``): the helper measures the diagonal block
-      :math:`C_{SS}` of the selected leaves S, the others held fixed; vectors
-      in the result are like params, zero outside S. None: every leaf.
-    per_leaf: measure each selected leaf's own diagonal block in one call
-      and return a pytree like params whose selected leaves hold that
-      leaf's result (unselected ones None); vectors there are like the leaf.
-    unroll: how the loop over curvature products is compiled: ``False``, a
-      `jax.lax` loop (compact; compile time independent of the count);
-      ``True``, a Python loop traced into the program (the probes one after
-      another); ``None`` (the default), ``True`` exactly when the default
-      backend is CPU and one product contains a convolution
-      (``lax.conv_general_dilated`` in its jaxpr), since XLA:CPU runs a
-      convolution in a loop body 10-40x slower
-      (https://github.com/jax-ml/jax/issues/12868); matmul models and GPU /
-      TPU keep the loop. Unrolled, compile time grows with the count
-      (``num_samples`` HVPs, 64 by default): lower it, or pass
-      ``unroll=False``, when compiling dominates. Both forms agree up to
-      rounding; a value that is not None or a bool is a TypeError.
   Returns:
     A `HessianTrace` (trace, standard_error); NaN when L(w) or the Hessian
     is NaN.
 
   Raises:
-    TypeError: params with a complex leaf (split it into real parts,
-      ``{'re': w.real, 'im': w.imag}``, rebuilt inside loss_fn) or an
-      integer leaf; loss_kwargs that is not a dict; a loss_fn whose output
-      disagrees with ``has_aux`` (the message names ``has_aux=True`` or
-      ``has_aux=False``), or that returns a dict (e.g. ``jax.grad(loss_fn)``
-      passed by mistake).
-    ValueError: a loss that is not a scalar; empty or unequally shaped
-      ``batches``;
-      num_samples < 1 (< 3 for Hutch++); method not 'hutchinson' or
+    ValueError: num_samples < 1 (< 3 for Hutch++); method not 'hutchinson' or
       'hutch++'.
 
   References:

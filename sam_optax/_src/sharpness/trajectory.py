@@ -93,23 +93,14 @@ def loss_interpolation(
     >>> print(out.losses)
     [8.  2.  0.5 0.  2. ]
 
+  The shared arguments and errors: see `sam_optax.sharpness`.
+
   Args:
-    loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar loss.
     params_a: the weights a (t = 0).
     params_b: the weights b (t = 1), a pytree like params_a.
     ts: a 1-D array (or list) of finite coefficients t; default 41 points
       on [-0.5, 1.5].
-    loss_kwargs: keyword arguments of ``loss_fn`` (shared ones with
-      ``batches``).
-    batches: an iterable of ``loss_kwargs`` dicts (the dataset loss).
-    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
-    layout: where the batch lies: ``None`` (on this device), or
-      ``sam_optax.PerDevice(axis)`` inside `jax.pmap` / `jax.shard_map` with
-      the batch sharded over ``axis`` (the measurement is that of the global
-      batch, identical on every device: one all-reduce per loss, gradient
-      or curvature product), or ``sam_optax.Chunks(m, shared=True)`` (the
-      batch accumulated over chunks of m examples, memory of one chunk).
   Returns:
     An `Interpolation` (ts, losses); each loss as loss_fn gives it (NaN
     where it is NaN).
@@ -250,24 +241,15 @@ def trajectory_pca(
     >>> print(out.landscape.losses.shape)
     (5, 5)
 
+  The shared arguments and errors: see `sam_optax.sharpness`.
+
   Args:
-    loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar loss.
     checkpoints: a list of >= 3 pytrees of one structure, in training
       order; the last is the final weights.
     num_points: grid points per axis, >= 2.
     margin: the grid's margin beyond the path, a fraction of its extent.
     center: subtract the mean of the rows of M before the SVD.
-    loss_kwargs: keyword arguments of ``loss_fn`` (shared ones with
-      ``batches``).
-    batches: an iterable of ``loss_kwargs`` dicts (the dataset loss).
-    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
-    layout: where the batch lies: ``None`` (on this device), or
-      ``sam_optax.PerDevice(axis)`` inside `jax.pmap` / `jax.shard_map` with
-      the batch sharded over ``axis`` (the measurement is that of the global
-      batch, identical on every device: one all-reduce per loss, gradient
-      or curvature product), or ``sam_optax.Chunks(m, shared=True)`` (the
-      batch accumulated over chunks of m examples, memory of one chunk).
   Returns:
     A `TrajectoryPCA` (directions, path, explained_variance, landscape);
     NaN checkpoints give NaN throughout; each loss as loss_fn gives it.

@@ -87,9 +87,9 @@ def worst_case_sharpness(
     >>> print(f'{out.sharpness:.3f} {out.perturbation_norm:.3f}')
     0.400 0.100
 
+  The shared arguments and errors: see `sam_optax.sharpness`.
+
   Args:
-    loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar loss.
-    params: the weights w.
     rho: radius of the ball (in the metric of :math:`\gamma`), > 0.
     norm: ``'l2'`` or ``'linf'``.
     adaptive: scale the ball by :math:`|w| + \eta`.
@@ -99,18 +99,7 @@ def worst_case_sharpness(
     momentum: Auto-PGD's :math:`\alpha` in (0, 1]; 1 disables momentum.
     random_init: start at a random point of the ball (uniform in the
       L-infinity cube, uniform on the L2 sphere) instead of at w.
-    key: PRNG key for ``random_init`` (default: a fixed key).
-    loss_kwargs: keyword arguments of ``loss_fn`` (shared ones with
-      ``batches``).
-    batches: an iterable of ``loss_kwargs`` dicts (the dataset loss).
-    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
-    layout: where the batch lies: ``None`` (on this device), or
-      ``sam_optax.PerDevice(axis)`` inside `jax.pmap` / `jax.shard_map` with
-      the batch sharded over ``axis`` (the measurement is that of the global
-      batch, identical on every device: one all-reduce per loss, gradient
-      or curvature product), or ``sam_optax.Chunks(m, shared=True)`` (the
-      batch accumulated over chunks of m examples, memory of one chunk).
   Returns:
     A `WorstCaseSharpness` (sharpness, perturbation_norm, perturbation);
     every field NaN when L(w), or the loss at any point of the ascent, is
@@ -118,15 +107,7 @@ def worst_case_sharpness(
     and a plausible maximum of the others reported).
 
   Raises:
-    TypeError: params with a complex leaf (split it into real parts,
-      ``{'re': w.real, 'im': w.imag}``, rebuilt inside loss_fn) or an
-      integer leaf; loss_kwargs that is not a dict; a loss_fn whose output
-      disagrees with ``has_aux`` (the message names ``has_aux=True`` or
-      ``has_aux=False``), or that returns a dict (e.g. ``jax.grad(loss_fn)``
-      passed by mistake).
-    ValueError: a loss that is not a scalar; empty or unequally shaped
-      ``batches``;
-      rho or step_size not a finite number > 0; norm not 'l2' or
+    ValueError: rho or step_size not a finite number > 0; norm not 'l2' or
       'linf'; num_steps < 1; momentum outside (0, 1].
 
   References:
