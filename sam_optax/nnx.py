@@ -150,5 +150,6 @@ def loss_fn(loss: Callable[..., Any]) -> Callable[..., Any]:
           ' snapshot=before, batch=batch)`.')
     return loss(snapshot.model(params), **kwargs)
 
-  reserved = inspect.Parameter('snapshot', inspect.Parameter.KEYWORD_ONLY)
+  reserved = inspect.Parameter('snapshot', inspect.Parameter.KEYWORD_ONLY,
+                               default=None)
   return adapters.adapted('nnx', sam_loss, loss, [reserved, *parameters])
