@@ -38,23 +38,28 @@ def _call_repr(name: str, positional: Sequence[object], options: dict,
 class Chunks:
   """In-device m-sharpness: one perturbation per chunk of ``m`` examples.
 
-  The loss's per-example keyword arguments (``batch_argnames``, or by default
-  every array with a leading batch dimension) are split into chunks of ``m``
-  examples. Each chunk gets its own clean gradient (one extra forward and
-  backward pass over the batch per step: 3 passes instead of SAM's 2), its
-  own ascent, re-gradient and combine; the gradients handed on are averaged.
-  Arguments that are not split (a typed key from `jax.random.key`, a lookup
-  table left out of ``batch_argnames`` or named in ``shared_argnames``) go
-  to every chunk whole. An argument left out of ``batch_argnames`` whose
-  leading dimension is the batch size is an error that names it (it looks
-  per-example, and each chunk would see all of its rows) unless it is named
-  in ``shared_argnames``: "this one is really shared".
+  The per-example keyword arguments of ``update`` are split into chunks of
+  ``m`` examples. Each chunk gets its own clean gradient (3 passes a step
+  instead of SAM's 2), ascent, re-gradient and combine; the gradients
+  handed on are averaged. With ``shared=True`` there is one perturbation
+  and every gradient after the incoming one is accumulated over the
+  chunks: SAM on a batch too big for memory, at the memory of one chunk
+  (the incoming ``updates`` must then be the full-batch gradient, e.g.
+  from `sam_optax.chunked_value_and_grad`).
 
-  With ``shared=True`` there is one perturbation for the whole batch and
-  every gradient after the incoming one is accumulated over the chunks: SAM
-  on a batch that does not fit in memory, at the memory of one chunk. The
-  incoming ``updates`` must then be the full-batch gradient, e.g. from
-  `sam_optax.chunked_value_and_grad`.
+  Attributes:
+    m: examples per chunk (an int >= 1 that divides the batch).
+    mode: ``'sequential'`` (`jax.lax.scan`, memory of one chunk),
+      ``'vectorized'`` (`jax.vmap`, all chunks at once) or
+      `sam_optax.mesh_chunks` (vectorized, chunks laid over a mesh axis
+      under plain `jax.jit`).
+    shared: one perturbation for all chunks, gradients accumulated.
+    batch_argnames: the names of the per-example keyword arguments;
+      ``None`` splits every array with a leading dimension. The others (a
+      typed key, a lookup table) go whole to every chunk; one whose leading
+      dimension is the batch size is an error unless in ``shared_argnames``.
+    shared_argnames: the names of keyword arguments that go whole to every
+      chunk although their leading dimension may be the batch size.
 
   Examples:
     >>> import sam_optax
@@ -65,19 +70,6 @@ class Chunks:
     >>> sam_optax.Chunks(8, batch_argnames=('x', 'y'),
     ...                  shared_argnames=('table',))
     Chunks(8, batch_argnames=('x', 'y'), shared_argnames=('table',))
-
-  Attributes:
-    m: examples per chunk (an int >= 1 that divides the batch).
-    mode: ``'sequential'`` (`jax.lax.scan`, memory of one chunk),
-      ``'vectorized'`` (`jax.vmap`, all chunks at once) or
-      `sam_optax.mesh_chunks` (vectorized, chunks laid over a mesh axis
-      under plain `jax.jit`).
-    shared: one perturbation for all chunks, gradients accumulated.
-    batch_argnames: the names of the per-example keyword arguments of
-      ``update``; ``None`` splits every array with a leading dimension.
-    shared_argnames: the names of keyword arguments that go whole to every
-      chunk although their leading dimension may be the batch size (a
-      lookup table with as many rows as the batch).
   """
 
   m: int
@@ -151,24 +143,23 @@ def _check_groups(owner: str, groups) -> tuple[tuple[int, ...], ...]:
 class PerDevice:
   """Inside `jax.pmap` / `jax.shard_map`: one perturbation per device.
 
-  The incoming gradient is the device's own; each device perturbs with it
-  (m-sharpness with m = the per-device batch, as in the SAM paper's TPU
-  runs) and the gradient handed on is averaged over ``axis``, together with
-  the diagnostics, in one all-reduce per step -- the one that data-parallel
-  SGD needs anyway.
+  Each device perturbs with its own incoming gradient (m-sharpness with m =
+  the per-device batch) and the gradient handed on is averaged over
+  ``axis``, with the diagnostics, in one all-reduce per step. ``sync=True``
+  averages the clean gradient (and every later ascent gradient) over the
+  axis first: SAM on the global batch, one more all-reduce. Inside
+  `jax.shard_map` take the incoming gradient at weights marked varying,
+  ``jax.lax.pcast(params, axis, to='varying')``; a clear error says so
+  otherwise.
 
-  ``sync=True`` averages the clean gradient (and every intermediate ascent
-  gradient for ``ascent_steps > 1``) over the axis first: SAM on the global
-  batch, one more all-reduce. ``groups=`` (pmap only, with ``sync``) takes
-  that average inside groups of devices (m = group size x per-device batch).
-  ``chunks=Chunks(m)`` splits each device's batch into chunks with their own
-  perturbations; ``chunks=Chunks(m, shared=True)`` accumulates the device's
-  gradients over chunks (and composes with ``sync``).
-
-  Inside `jax.shard_map` (``check_vma=True``, its default) a gradient taken
-  at replicated weights is already summed over the devices, so take the
-  incoming one at ``jax.lax.pcast(params, axis, to='varying')``: a clear
-  error says so otherwise.
+  Attributes:
+    axis: the pmap / shard_map axis name (or a tuple of names).
+    sync: build the perturbation from the axis-averaged gradient.
+    groups: with ``sync`` (pmap only), average inside these groups of axis
+      indices instead (m = group size x per-device batch).
+    chunks: a `Chunks` layout for each device's batch (its own
+      perturbations; with ``shared=True`` accumulation, which composes with
+      ``sync``), or None.
 
   Examples:
     >>> import sam_optax
@@ -178,12 +169,6 @@ class PerDevice:
     PerDevice('batch', sync=True, groups=((0, 1), (2, 3)))
     >>> sam_optax.PerDevice('batch', chunks=sam_optax.Chunks(8))
     PerDevice('batch', chunks=Chunks(8))
-
-  Attributes:
-    axis: the pmap / shard_map axis name (or a tuple of names).
-    sync: build the perturbation from the axis-averaged gradient.
-    groups: with ``sync``, average inside these groups of axis indices.
-    chunks: a `Chunks` layout for each device's batch, or None.
   """
 
   axis: Hashable

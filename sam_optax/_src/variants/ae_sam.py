@@ -16,13 +16,9 @@ from sam_optax._src.variants import cheap
 
 
 class AESAMState(NamedTuple):
-  """State of `ae_sam`: the count, diagnostics and the norm statistics.
+  """State of `ae_sam`: the common fields of `SAMState`, the norm statistics.
 
   Attributes:
-    count: number of updates so far (int32).
-    perturbed_loss: L(w + eps) at the last SAM step, float32.
-    grad_norm: ||g0|| at the last update, float32.
-    cosine: cos(g0, g), 0 unless ``track_cosine=True``.
     sam_step: whether the last update was a SAM step (bool).
     mean: mu, the EMA of ||g0||^2 (float32).
     variance: sigma^2, the EMA of (||g0||^2 - mu)^2 (float32).
@@ -93,29 +89,39 @@ def ae_sam(
   r"""AE-SAM: a SAM step where the gradient norm is large for its history.
 
   With :math:`n_t = \|g_0\|^2`, AE-SAM keeps exponential moving averages of
-  its mean and variance,
+  its mean and variance, from :math:`\mu_0 = n_0` and :math:`\sigma_0 = 0`,
 
   .. math::
 
     \mu_t = \delta\, \mu_{t-1} + (1 - \delta)\, n_t, \qquad
     \sigma_t^2 = \delta\, \sigma_{t-1}^2 + (1 - \delta)\, (n_t - \mu_t)^2,
 
-  and takes a SAM step (:math:`\epsilon = \rho\, g_0/\|g_0\|`, hands on
-  :math:`\nabla L(w + \epsilon)`) when :math:`n_t \ge \mu_t + c_t \sigma_t`,
-  a plain :math:`g_0` step otherwise (a `jax.lax.cond`: no second gradient
-  there). The threshold rises linearly over training,
-  :math:`c_t = c_{start} + (c_{end} - c_{start}) \min(t/T, 1)`, so SAM steps
-  are frequent early and rare late (about 84 % and 16 % for normal
-  :math:`n_t` with the defaults -1 and 1). Without ``total_steps`` the
-  threshold stays at ``c_start``.
+  and takes a SAM step (hands on :math:`\nabla L(w + \rho\, g_0/\|g_0\|)`)
+  when :math:`n_t \ge \mu_t + c_t \sigma_t`, a plain :math:`g_0` step with
+  no second gradient otherwise. The threshold rises linearly,
 
-  **Sources.** The equations above are those of Jiang et al. (ICLR 2023,
-  Algorithm 1 and its schedule for :math:`c_t`), as we read them; no public
-  code was found to compare with. Our choices where the paper is silent:
-  the statistics start at the first step's value (:math:`\mu_0 = n_0`,
-  :math:`\sigma_0 = 0`, so step 0 is SAM), and under a layout :math:`n_t`
-  is the mean over the groups of each group's :math:`\|g_0\|^2`, so every
-  group and device takes the same branch.
+  .. math::
+
+    c_t = c_{start} + (c_{end} - c_{start}) \min(t/T, 1),
+
+  so SAM steps are frequent early and rare late. Under a layout
+  :math:`n_t` is the mean of the groups' :math:`\|g_0\|^2`.
+
+  Args:
+    loss_fn: as in `sam`.
+    rho: radius of the ascent, a number >= 0 or a schedule.
+    delta: decay of the moving averages, in [0, 1], a number or schedule.
+    total_steps: T, a static int >= 1, or None: the threshold stays at
+      ``c_start``.
+    c_start: the threshold c at step 0 (a number, may be negative).
+    c_end: the threshold c from step T on.
+
+  ``ascent_steps``, ``has_aux``, ``perturbation_mask``, ``layout`` and
+  ``track_cosine`` work as in `sam`.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose state is an
+    `AESAMState`.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -129,22 +135,6 @@ def ae_sam(
     >>> _, state = tx.update(grads, state, params, batch=batch)
     >>> print(bool(state.sam_step), round(float(state.mean), 4))
     True 0.5833
-
-  Args:
-    loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar loss, or
-      ``(loss, aux)`` with ``has_aux=True``.
-    rho: radius of the ascent, a number >= 0 or a schedule.
-    delta: decay of the moving averages, in [0, 1], a number or schedule.
-    total_steps: T of the threshold's schedule (an int >= 1), or None.
-    c_start: the threshold c at step 0 (a number, may be negative).
-    c_end: the threshold c from step T on.
-
-  ``ascent_steps``, ``has_aux``, ``perturbation_mask``, ``layout`` and
-  ``track_cosine`` work as in `sam`.
-
-  Returns:
-    An `optax.GradientTransformationExtraArgs` whose state is an
-    `AESAMState`.
 
   References:
     Jiang et al., `An Adaptive Policy to Employ Sharpness-Aware

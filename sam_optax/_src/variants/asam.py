@@ -20,25 +20,34 @@ def asam(
 ) -> variant_lib.Variant:
   r"""Adaptive SAM: a neighbourhood whose radius scales with each weight.
 
-  ASAM measures the neighbourhood in the metric of the normalization operator
+  ASAM measures the neighbourhood in the metric of
   :math:`T_w = \mathrm{diag}(|w| + \eta)`, so the ball
   :math:`\|T_w^{-1}\epsilon\|_2 \le \rho` is invariant to rescaling the
-  weights. Its first-order worst point and the returned gradient are
+  weights. Its first-order worst point and the gradient handed on are
 
   .. math::
 
     \epsilon = \rho \, \frac{T_w^2 \, g_0}{\|T_w \, g_0\|_2}, \qquad
-    g = \nabla L(w + \epsilon).
+    g = \nabla L(w + \epsilon),
 
-  **The default differs from the authors' code.** By default every
-  parameter is adaptive (the paper's definition). The authors' code makes
-  only parameters whose name contains ``weight`` adaptive, so biases use
-  :math:`T = 1` (plain SAM scaling); in Flax, where weights are ``kernel``
-  or ``scale``, their choice is one line:
-  ``adaptive_mask=lambda path, leaf: path[-1].key != 'bias'``.
-  ``ascent_steps=k`` takes k steps of length :math:`\rho/k`, each in the
-  metric of the clean weights. A traced ``eta`` below 0 (or NaN) makes the
-  update NaN.
+  with :math:`T = 1` on the leaves outside ``adaptive_mask``. With
+  ``ascent_steps=k`` each of the k steps has length :math:`\rho/k` in the
+  metric of the clean weights.
+
+  Args:
+    loss_fn: as in `sam`.
+    rho: radius in the adaptive metric, a number >= 0 or a schedule.
+    eta: offset that keeps the metric positive for zero weights, a
+      number >= 0 or a schedule.
+    adaptive_mask: which parameters are adaptive: None (all, the paper's
+      definition), a pytree of bools like params, a function
+      ``params -> bools`` or a predicate ``(path, leaf) -> bool``.
+
+  ``ascent_steps``, ``has_aux``, ``perturbation_mask``, ``layout`` and
+  ``track_cosine`` work as in `sam`.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose state is a `SAMState`.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -55,26 +64,11 @@ def asam(
     >>> print(updates['w'])
     [-0.0242893  0.0614034]
 
-  Args:
-    loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar, or
-      ``(loss, aux)`` with ``has_aux=True``.
-    rho: radius in the adaptive metric, a number >= 0 or a schedule.
-    eta: offset that keeps the metric positive for zero weights, >= 0, a
-      number or a schedule.
-    adaptive_mask: which parameters are adaptive: ``None`` (all), a pytree of
-      bools like params, a function ``params -> pytree of bools`` (as
-      `optax.masked` takes), or a predicate ``(path, leaf) -> bool``.
-
-  ``ascent_steps``, ``has_aux``, ``perturbation_mask`` and ``layout`` work
-  as in `sam`.
-
-  Returns:
-    An `optax.GradientTransformationExtraArgs` whose state is a `SAMState`.
-
   References:
     Kwon et al., `ASAM: Adaptive Sharpness-Aware Minimization for
     Scale-Invariant Learning of Deep Neural Networks
-    <https://arxiv.org/abs/2102.11600>`_, ICML 2021.
+    <https://arxiv.org/abs/2102.11600>`_, ICML 2021 (authors' code:
+    SamsungLabs/ASAM).
   """
   del loss_fn  # the pipeline takes it
   directions.check_mask('asam', 'adaptive_mask', adaptive_mask)

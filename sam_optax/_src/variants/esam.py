@@ -1,5 +1,4 @@
-"""ESAM (Du et al., ICLR 2022): stochastic weight perturbation and
-sharpness-sensitive data selection."""
+"""ESAM: perturb random leaves, step on the sharpest examples (Du et al.)."""
 
 from __future__ import annotations
 
@@ -17,14 +16,12 @@ from sam_optax._src.variants import bounds
 
 
 class ESAMState(NamedTuple):
-  """State of `esam`: the count, diagnostics, the key and SDS's sharpness.
+  """State of `esam`: the common fields of `SAMState`, the key, the sharpness.
+
+  With ``gamma < 1``, ``perturbed_loss`` is the mean of the examples' own
+  losses at w + eps.
 
   Attributes:
-    count: number of updates so far (int32).
-    perturbed_loss: L(w + eps) at the last update, float32 (with
-      ``gamma < 1`` the mean of every example's own loss at w + eps).
-    grad_norm: ||g0|| at the last update, float32.
-    cosine: cos(g0, g), 0 unless ``track_cosine=True``.
     sam_step: True (every esam step takes the second gradient), a bool.
     key: the raw PRNG key (uint32) of the next leaf draw; the same in every
       group and device.
@@ -118,78 +115,49 @@ def esam(
     seed: int = 0,
     batch_argnames: Optional[Sequence[str]] = None,
 ) -> variant_lib.Variant:
-  r"""ESAM: stochastic weight perturbation and sharpness-sensitive data selection.
+  r"""ESAM: stochastic weight perturbation, sharpness-sensitive data selection.
 
-  **Stochastic weight perturbation (SWP).** Each step draws one
-  Bernoulli(:math:`\beta`) mask :math:`m_l` per parameter leaf (from the
-  key in the state: reproducible and resumable) and perturbs the selected
-  leaves only, scaled by :math:`1/\beta` so the perturbation is SAM's in
-  expectation:
+  Stochastic weight perturbation (SWP) draws one Bernoulli(:math:`\beta`)
+  mask :math:`m_l` per parameter leaf, from the key in the state, and
+  scales SAM's perturbation so that it is SAM's in expectation:
 
   .. math::
 
     \epsilon_l = \frac{m_l}{\beta}\, \rho\, \frac{g_{0,l}}{\|g_0\|}.
 
-  **Sharpness-sensitive data selection (SDS)**, with ``gamma < 1``. Each
-  example's own loss is measured at :math:`w` and at :math:`w + \epsilon`
-  (forward passes only: ``loss_fn`` on a batch of that one example, vmapped
-  over the group's examples), and the re-gradient is taken on the
-  :math:`k = \max(1, \mathrm{round}(\gamma n))` examples of the group
-  whose sharpness is largest:
+  Sharpness-sensitive data selection (SDS, ``gamma < 1``) measures each
+  example's own loss :math:`L_i` (``loss_fn`` on that one example) at
+  :math:`w` and :math:`w + \epsilon`, forward passes only, and takes the
+  re-gradient on the :math:`k = \max(1, \mathrm{round}(\gamma n))` of the
+  group's n examples whose sharpness is largest:
 
   .. math::
 
     s_i = L_i(w + \epsilon) - L_i(w), \qquad
     B^+ = \operatorname{top}_k(s), \qquad
-    g = \nabla L_{B^+}(w + \epsilon),
+    g = \nabla L_{B^+}(w + \epsilon).
 
-  where :math:`L_{B^+}` is ``loss_fn`` on the rows :math:`B^+` of every
-  per-example keyword argument (``batch_argnames``; by default those of the
-  layout's `Chunks`, else every array with a leading dimension). k is
-  static (`jax.lax.top_k`), so batch sizes stay fixed under `jax.jit`.
-  ``gamma=1`` keeps every example and skips the selection statically: it is
-  SWP alone, and ``beta=1, gamma=1`` is SAM. The selection is within each
-  perturbation group: the whole batch, each chunk of ``Chunks(m)``, each
-  device of `PerDevice`. With ``PerDevice(sync=True)`` each device selects
-  among its own examples and the selected gradients are averaged over the
-  axis (as the authors' distributed code does); with
-  ``Chunks(m, shared=True)`` the selection is over the whole batch and the
-  selected rows' gradient is accumulated in chunks of at most m.
+  ``gamma=1`` skips the selection (SWP alone); ``beta=1, gamma=1`` is SAM.
 
-  **Cost.** ESAM saves time in PyTorch by skipping the second backward pass
-  for the unselected parameters (``requires_grad=False``); `jax.grad` of
-  one loss computes every leaf's gradient, so SWP costs SAM's two
-  gradients. SDS replaces the full re-gradient by one on k examples, and
-  adds two per-example forward passes over the group (the authors reuse
-  the forward pass of the clean gradient for :math:`L_i(w)`; here the clean
-  gradient comes from the caller, so it is one more forward pass).
+  Args:
+    loss_fn: as in `sam`.
+    rho: radius of the ascent, a number >= 0 or a schedule.
+    beta: the probability that a leaf is perturbed, in (0, 1], a number or
+      a schedule.
+    gamma: the fraction of each group's examples whose re-gradient is
+      taken, a static number in (0, 1].
+    seed: seeds the key in the state (an int >= 0).
+    batch_argnames: with ``gamma < 1``, the names of the per-example
+      keyword arguments (the others go whole to every example); default:
+      the layout's `Chunks` names, else every array with a leading
+      dimension.
 
-  **Defaults, and the authors' code.** The authors' ``ESAM`` class
-  (dydjw9/Efficient_SAM, ``utils/Esam.py``) defaults to ``beta=1,
-  gamma=1`` (SAM); their scripts (``run.sh``) and the paper use
-  ``beta=0.5`` (0.6 for ResNet-18) and ``gamma=0.5``, ``rho`` 0.05-0.2.
-  Here ``beta`` and ``gamma`` default to the paper's 0.5; ``gamma=1`` turns
-  SDS off. Where the authors' code and the paper differ:
+  ``ascent_steps``, ``has_aux``, ``perturbation_mask``, ``layout`` and
+  ``track_cosine`` work as in `sam`.
 
-  - :math:`L_i` is the per-example loss of the model's forward pass (their
-    ``loss_fct`` with ``reduction='none'``), and :math:`L_{B^+}` the mean
-    over the selected examples; followed here.
-  - their selection is ``sharpness > cutoff`` with ``cutoff`` the
-    ``int(gamma * n)``-th largest sharpness, which keeps ``int(gamma n) - 1``
-    examples (none when ``gamma n < 2``) -- an off-by-one against the
-    paper's :math:`|B^+| = \gamma |B|`. Not followed: here exactly
-    :math:`k = \max(1, \mathrm{round}(\gamma n))` examples are kept
-    (ties broken by `jax.lax.top_k`, lowest index first).
-  - their code keeps every example for ``gamma >= 0.99``; here only
-    ``gamma=1`` does (``gamma=0.99`` of 64 examples keeps 63).
-  - their SWP mask is drawn at the end of a step for the next one
-    (``requires_grad=False``), which also leaves those leaves out of the
-    next clean gradient, so their norm :math:`\|g_0\|` is over the
-    perturbed leaves only; here the mask is drawn from the key at each step
-    and the norm is over every leaf (SAM's direction, then masked), so
-    that the perturbation is SAM's in expectation,
-    :math:`\mathbb{E}[m_l / \beta] = 1`, as the paper's SWP states. Not
-    followed, for that reason.
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose state is an
+    `ESAMState`.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -208,26 +176,6 @@ def esam(
     >>> c, state = sds.update(grads, sds.init(params), params, batch=batch)
     >>> print(bool(state.selected_sharpness >= state.sharpness))
     True
-
-  Args:
-    loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar loss, or
-      ``(loss, aux)`` with ``has_aux=True``.
-    rho: radius of the ascent, a number >= 0 or a schedule.
-    beta: the probability that a leaf is perturbed, in (0, 1].
-    gamma: the fraction of each group's examples whose re-gradient is
-      taken, a python number in (0, 1] (static: it fixes the count k).
-    seed: seeds the key in the state (an int).
-    batch_argnames: with ``gamma < 1``, the names of the per-example
-      keyword arguments (the others go to every example whole); default:
-      the layout's `Chunks` names, else every array with a leading
-      dimension.
-
-  ``ascent_steps``, ``has_aux``, ``perturbation_mask``, ``layout`` and
-  ``track_cosine`` work as in `sam`.
-
-  Returns:
-    An `optax.GradientTransformationExtraArgs` whose state is an
-    `ESAMState`.
 
   References:
     Du et al., `Efficient Sharpness-aware Minimization for Improved Training

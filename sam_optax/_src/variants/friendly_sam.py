@@ -1,4 +1,4 @@
-"""Friendly SAM: the ascent without the full gradient's mean (Li et al., 2024)."""
+"""Friendly SAM: the ascent without the gradient's running mean (Li et al.)."""
 
 from __future__ import annotations
 
@@ -16,17 +16,12 @@ PyTree = Any
 
 
 class FriendlySAMState(NamedTuple):
-  """State of `friendly_sam`: the step count, diagnostics and the momentum.
+  """State of `friendly_sam`: the common fields of `SAMState`, the momentum.
 
   Attributes:
-    count: number of updates so far (int32).
-    perturbed_loss: L(w + eps) at the last update, float32.
-    grad_norm: ||g0||, the norm of the last clean gradient, float32.
-    cosine: cos(g0, g) between the clean gradient and the gradient handed
-      on; 0 unless built with ``track_cosine=True``.
-    momentum: m, the exponential moving average of the clean gradients, , a
-      float32 tree like ``params`` (zeros before the first update). Under a layout it is the mean over the perturbation
-      groups, like the handed-on gradient.
+    momentum: m, the exponential moving average of the clean gradients, a
+      float32 tree like ``params`` (zeros before the first update); under
+      a layout, the mean over the perturbation groups.
   """
 
   count: jax.Array
@@ -63,9 +58,9 @@ def friendly_sam(
 ) -> variant_lib.Variant:
   r"""Friendly SAM: ascend along the gradient minus its running mean.
 
-  F-SAM's observation is that the full-batch part of the minibatch gradient
-  contributes little to SAM's generalization and can even hurt it, so the
-  ascent removes an estimate of it, a momentum of the clean gradients:
+  F-SAM removes from the ascent an estimate of the full-batch gradient,
+  which contributes little to SAM's generalization: a momentum of the
+  clean gradients,
 
   .. math::
 
@@ -74,18 +69,23 @@ def friendly_sam(
     \epsilon = \rho\, \frac{d_t}{\|d_t\|}, \qquad
     g = \nabla L(w + \epsilon),
 
-  and on the first step :math:`m_0 = g_{0,0}` and :math:`d = g_{0,0}`
-  (plain SAM). The momentum averages the *raw* clean gradient (not
-  :math:`d`).
+  with :math:`m_0 = g_{0,0}` and :math:`d = g_{0,0}` on the first step
+  (plain SAM).
 
-  **As the authors' code** (nblt/F-SAM, ``FriendlySAM`` in ``utils.py``) and
-  pytorch-optimizer 4.x's ``FriendlySAM``: first step, order of the updates
-  and ``sigma=1, lmbda=0.9`` as defaults. Both divide by ``||d|| + 1e-12``;
-  here the division is exact and zero-safe. (An earlier pytorch-optimizer
-  release averaged the corrected direction :math:`d` into the momentum
-  instead of the raw gradient; 4.x follows the authors, and so do we.) With ``ascent_steps=k`` the
-  first of the k steps follows :math:`d`, the later ones the gradient at the
-  point reached (the paper has k = 1).
+  Args:
+    loss_fn: as in `sam`.
+    rho: radius of the ascent, a number >= 0 or a schedule.
+    sigma: how much of the momentum is removed from the ascent direction, a
+      number >= 0 or a schedule (``sigma=0`` is SAM).
+    lmbda: the momentum's decay, in [0, 1], a number or a schedule.
+
+  ``ascent_steps``, ``has_aux``, ``perturbation_mask``, ``layout`` and
+  ``track_cosine`` work as in `sam`; the first of k ascent steps follows
+  :math:`d`, a mask applies to :math:`d` and the momentum keeps every leaf.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose state is a
+    `FriendlySAMState`.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -103,28 +103,11 @@ def friendly_sam(
     ...   params = optax.apply_updates(params, updates)
     >>> print(params['w'])
     [ 1.1871... -0.2406... -0.0946...]
-    >>> print(state[0].momentum['w'].shape)  # a float32 tree like params
-    (3,)
-
-  Args:
-    loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar loss, or
-      ``(loss, aux)`` with ``has_aux=True``.
-    rho: radius of the ascent, a number >= 0 or a schedule.
-    sigma: how much of the momentum is removed from the ascent direction, a
-      number >= 0 or a schedule (``sigma=0`` is SAM).
-    lmbda: the momentum's decay, in [0, 1], a number or a schedule.
-
-  ``ascent_steps``, ``has_aux``, ``perturbation_mask`` and ``layout`` work
-  as in `sam` (a mask applies to :math:`d`: the norm is over the selected
-  leaves; the momentum keeps every leaf).
-
-  Returns:
-    An `optax.GradientTransformationExtraArgs` whose state is a
-    `FriendlySAMState`.
 
   References:
     Li et al., `Friendly Sharpness-Aware Minimization
-    <https://arxiv.org/abs/2403.12350>`_, CVPR 2024.
+    <https://arxiv.org/abs/2403.12350>`_, CVPR 2024 (authors' code:
+    nblt/F-SAM).
   """
   del loss_fn  # the pipeline takes it
   bounds.check_below('friendly_sam', 'lmbda', lmbda, 1.0, inclusive=True)

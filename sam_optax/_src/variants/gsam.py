@@ -59,10 +59,9 @@ def gsam(
   GSAM minimizes the perturbed loss :math:`f_p(w) = L(w + \epsilon)` and the
   surrogate gap :math:`h(w) = f_p(w) - L(w)` together. With SAM's ascent
   :math:`\epsilon = \rho\, g_0/\|g_0\|` and :math:`g_1 = \nabla L(w +
-  \epsilon)`, it splits the clean gradient into its parts along and across
-  :math:`g_1` and descends along :math:`g_1` while ascending the clean loss
-  across it (which lowers the gap without changing :math:`f_p` to first
-  order):
+  \epsilon)`, it descends along :math:`g_1` and ascends the clean loss
+  across it, which lowers the gap without changing :math:`f_p` to first
+  order:
 
   .. math::
 
@@ -70,25 +69,26 @@ def gsam(
     g_0^\perp = g_0 - \langle g_0, \hat g_1\rangle\, \hat g_1, \qquad
     g = g_1 - \alpha\, g_0^\perp.
 
-  ``alpha=0`` is SAM. With ``minimize_fp=False`` (big_vision's option, which
-  minimizes the clean loss and the gap instead) the roles swap:
-  :math:`g = g_0 + \alpha\,(g_1 - \langle g_1, \hat g_0\rangle \hat g_0)`;
-  it trains closer to plain SGD, with fewer loss spikes (big_vision's note).
+  With ``minimize_fp=False`` the roles swap:
+  :math:`g = g_0 + \alpha\,(g_1 - \langle g_1, \hat g_0\rangle \hat g_0)`.
+  A zero vector has a zero unit vector (:math:`g_0^\perp = g_0` for a zero
+  :math:`g_1`); ``alpha=0`` is SAM.
 
-  The paper ties rho to the learning rate; pass
-  ``rho=sam_optax.rho_proportional_to_lr(...)`` for that schedule. A zero
-  :math:`g_1` has a zero unit vector, so :math:`g_0^\perp = g_0`.
+  Args:
+    loss_fn: as in `sam`.
+    rho: radius of the ascent, a number >= 0 or a schedule (the paper ties
+      it to the learning rate: `sam_optax.rho_proportional_to_lr`).
+    alpha: weight of the gap term, a number >= 0 or a schedule (the paper's
+      values lie in [0, 1]).
+    minimize_fp: True (the paper): minimize the perturbed loss and the gap;
+      False: minimize the clean loss and the gap.
 
-  **Peers.** This agrees with pytorch-optimizer's ``GSAM``
-  (``gradient_decompose``) and with big_vision's
-  ``trainers/proj/gsam/gsam.py`` (``gsam_gradient``), up to their stability
-  constants: pytorch-optimizer divides by ``||g0|| + 1e-12``,
-  ``||g1|| + 1e-12`` and ``||g0|| ||g1|| + 1e-12``, big_vision by
-  ``||g0|| + 1e-12`` in the ascent and by the bare norms in the
-  decomposition (NaN for a zero gradient); here every division is exact and
-  zero-safe. big_vision returns the clean loss; ``perturbed_loss`` in the
-  state is :math:`L(w + \epsilon)`. Its ``adaptive_perturbation`` (an
-  ascent scaled by ``|w|``) is not ASAM's metric and is not offered here.
+  ``ascent_steps``, ``has_aux``, ``perturbation_mask``, ``layout`` and
+  ``track_cosine`` work as in `sam` (with a mask, g0 and g1 are still whole
+  gradients).
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose state is a `SAMState`.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -105,25 +105,10 @@ def gsam(
     >>> print(updates['w'])
     [ 0.1019...  0.0515... -0.4569...]
 
-  Args:
-    loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar loss, or
-      ``(loss, aux)`` with ``has_aux=True``.
-    rho: radius of the ascent, a number >= 0 or a schedule (see
-      `sam_optax.rho_proportional_to_lr`).
-    alpha: weight of the gap term, a number >= 0 or a schedule (the paper
-      uses values in [0, 1]; 0.4 is pytorch-optimizer's default).
-    minimize_fp: True (the paper): minimize the perturbed loss and the gap;
-      False: minimize the clean loss and the gap (big_vision's option).
-
-  ``ascent_steps``, ``has_aux``, ``perturbation_mask`` and ``layout`` work
-  as in `sam` (with a mask, g0 and g1 are still whole gradients).
-
-  Returns:
-    An `optax.GradientTransformationExtraArgs` whose state is a `SAMState`.
-
   References:
     Zhuang et al., `Surrogate Gap Minimization Improves Sharpness-Aware
-    Training <https://arxiv.org/abs/2203.08065>`_, ICLR 2022.
+    Training <https://arxiv.org/abs/2203.08065>`_, ICLR 2022 (authors'
+    code: google-research/big_vision, ``trainers/proj/gsam``).
   """
   del loss_fn  # the pipeline takes it
   validation.check_bool('gsam', 'minimize_fp', minimize_fp)

@@ -13,16 +13,13 @@ from sam_optax._src.variants import bounds
 
 
 class MSAMState(NamedTuple):
-  """State of `msam`: the count, diagnostics and the momentum.
+  """State of `msam`: the common fields of `SAMState`, the momentum.
+
+  ``grad_norm`` holds 0 unless ``track_cosine=True``: msam never reads g0.
 
   Attributes:
-    count: number of updates so far (int32).
-    perturbed_loss: L(w - rho v/|v|) at the last update, float32.
-    grad_norm: 0 ("not measured"): msam never reads the clean gradient;
-      with ``track_cosine=True`` it is ||g0||.
-    cosine: cos(g0, g), 0 unless ``track_cosine=True``.
-    sam_step: True on every step after the first (the perturbation is zero
-      on the first step, where v = 0), a bool.
+    sam_step: True on every step after the first (on the first, v = 0 and
+      the perturbation is zero), a bool.
     momentum: v, the EMA of the gradients handed on, a float32 tree like
       the parameters; zeros at init.
   """
@@ -66,22 +63,22 @@ def msam(
     \qquad v_t = \beta\, v_{t-1} + (1 - \beta)\, g_t,
 
   with :math:`v_0 = 0` (the first step is a clean gradient at :math:`w`).
-  The clean gradient :math:`g_0` is never read -- not even for the
-  diagnostics (``grad_norm`` is 0) -- so under `jax.jit` XLA removes the
-  caller's ``jax.grad`` and the step costs one forward-backward pass.
-  ``rho=0`` hands on the gradient at :math:`w` (the same numbers as the
-  caller's gradient when both are taken the same way).
+  The clean gradient :math:`g_0` is never read, so under `jax.jit` XLA
+  removes the caller's ``jax.grad`` and a step costs one forward-backward
+  pass.
 
-  **Authors and peers.** The authors' code (MarlonBecker/MSAM) perturbs
-  along the base optimizer's own momentum buffer and keeps the weights
-  stored at the perturbed point to save a copy; here :math:`v` is msam's own
-  EMA of the gradients it hands on (the direction of an EMA is that of
-  PyTorch's sum-form buffer, :math:`v \leftarrow \mu v + g`, so ``beta`` is
-  the base optimizer's momentum for the same direction), which keeps msam
-  a front-of-chain transformation like every other. Their rho is larger
-  than SAM's (the perturbation follows a descent direction); our default
-  1.0 is the best of {0.3, 0.6, 1.0} in the MNIST-1D sweep of
-  benchmarks/results/efficient.md (58 % of SAM's gain there).
+  Args:
+    loss_fn: as in `sam`.
+    rho: length of the step along the negative momentum, >= 0, a number or
+      a schedule (larger than SAM's: it follows a descent direction).
+    beta: the momentum's decay, in [0, 1], a number or a schedule.
+
+  ``ascent_steps``, ``has_aux``, ``perturbation_mask``, ``layout`` and
+  ``track_cosine`` work as in `sam`; ``ascent_steps=k`` adds k - 1 SAM-style
+  steps after the first, and ``track_cosine=True`` reads g0.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose state is a `MSAMState`.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -98,23 +95,10 @@ def msam(
     >>> print(' '.join(f'{x:.4f}' for x in params['w']))
     0.8769 -0.4385 0.2192
 
-  Args:
-    loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar loss, or
-      ``(loss, aux)`` with ``has_aux=True``.
-    rho: length of the step along the negative momentum, >= 0, a number or
-      a schedule.
-    beta: the momentum's decay, in [0, 1], a number or a schedule.
-
-  ``has_aux``, ``perturbation_mask``, ``layout`` and ``track_cosine`` work
-  as in `sam` (``track_cosine=True`` reads g0, and so costs its gradient);
-  ``ascent_steps=k`` adds k - 1 SAM-style gradient steps after the first.
-
-  Returns:
-    An `optax.GradientTransformationExtraArgs` whose state is a `MSAMState`.
-
   References:
     Becker et al., `Momentum-SAM: Sharpness Aware Minimization without
-    Computational Overhead <https://arxiv.org/abs/2401.12033>`_, 2024.
+    Computational Overhead <https://arxiv.org/abs/2401.12033>`_, 2024
+    (authors' code: MarlonBecker/MSAM).
   """
   del loss_fn  # the pipeline takes it
   bounds.check_below('msam', 'beta', beta, 1.0, inclusive=True)

@@ -11,19 +11,21 @@ from sam_optax._src.pipeline import variant as variant_lib
 
 
 class SAMState(NamedTuple):
-  """State of `sam` and `asam`: the step count and diagnostics to log.
+  """State of `sam`, `asam`, `gsam`, `wsam`; every state opens with it.
 
-  The diagnostics mean the same whatever the layout: each *perturbation
-  group* (the whole batch, a chunk of `Chunks`, a device of `PerDevice`, the
-  whole axis with ``sync=True``) contributes its own value, and the state
-  holds their mean.
+  Every variant's state begins with these four fields and documents only
+  its own after them (`bsam`'s has the first three; `decoupled_wsam`'s sits
+  in its ``wsam`` field). Each diagnostic is the mean over the perturbation
+  groups (the whole batch, a chunk of `Chunks`, a device of `PerDevice`,
+  the axis with ``sync=True``); one that is not measured holds 0, never NaN.
 
   Attributes:
     count: number of updates so far (int32); schedules are evaluated on it.
-    perturbed_loss: L(w + eps) at the last update, float32.
-    grad_norm: ||g0||, the norm of the clean gradient that built the
-      perturbation, float32.
-    cosine: cos(g0, g) between that clean gradient and the gradient handed
+    perturbed_loss: L(w + eps) at the last update, float32 (the cheap
+      variants keep the last SAM step's value on the steps without one).
+    grad_norm: ||g0||, the norm of the clean gradient, float32; 0 where the
+      variant never reads g0 (`msam` without ``track_cosine``).
+    cosine: cos(g0, g) between the clean gradient and the gradient handed
       on, float32; 0 unless built with ``track_cosine=True``.
   """
 
@@ -40,37 +42,44 @@ def sam(
 ) -> variant_lib.Variant:
   r"""Sharpness-aware minimization: the gradient at the worst nearby point.
 
-  Given the clean minibatch gradient :math:`g_0 = \nabla L(w)` as the incoming
-  updates, SAM climbs to the (first-order) worst point of the L2 ball of
-  radius :math:`\rho` and returns the gradient found there:
+  Given the clean gradient :math:`g_0 = \nabla L(w)` as the incoming
+  updates, SAM climbs to the first-order worst point of the L2 ball of
+  radius :math:`\rho` and hands on the gradient found there:
 
   .. math::
 
     \epsilon = \rho \, \frac{g_0}{\|g_0\|_2}, \qquad
     g = \nabla L(w + \epsilon).
 
-  With ``ascent_steps=k`` the climb is k normalized steps of length
-  :math:`\rho / k`, re-evaluating the gradient at each point:
-  :math:`w_{i+1} = w_i + (\rho/k)\, g_i / \|g_i\|`, and
-  :math:`g = \nabla L(w_k)`.
+  With ``ascent_steps=k`` the climb is k normalized steps,
+  :math:`w_{i+1} = w_i + (\rho/k)\, g_i / \|g_i\|` from :math:`w_0 = w`,
+  and :math:`g = \nabla L(w_k)`.
 
-  Chain it first, in front of any optax optimizer (then clipping, then the
-  optimizer): the optimizer sees the clean weights as ``params``, so weight
-  decay acts on :math:`w`, not :math:`w + \epsilon`. The keyword arguments
-  given to ``update`` that ``loss_fn`` accepts are forwarded to it (all of
-  them if it takes ``**kwargs``), so sam chains with other ExtraArgs
-  transformations. Norms are taken in float32; a zero gradient gives a zero
-  perturbation; ``rho=0`` is exactly the base optimizer, and a traced rho
-  that is negative or NaN (from a schedule or `sam_optax.inject_hyperparams`)
-  makes the update NaN rather than being clamped.
+  Args:
+    loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar loss, or
+      ``(loss, aux)`` with ``has_aux=True``; the keyword arguments of
+      ``update`` that it accepts are forwarded to it.
+    rho: radius of the ball (the total ascent length), a number >= 0 or an
+      optax schedule of the step count; 0 hands on :math:`g_0`.
+    ascent_steps: k, the number of normalized ascent steps, a static
+      int >= 1 (k + 1 gradients a step).
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``; the aux of the
+      perturbed passes is dropped.
+    perturbation_mask: which parameters are perturbed: None (all), a
+      pytree of bools like params, a function ``params -> bools`` or a
+      predicate ``(path, leaf) -> bool`` (e.g.
+      `sam_optax.normalization_mask`); the norm is over the selected
+      leaves and the others stay at w.
+    layout: None (one device, the whole batch), `sam_optax.PerDevice`
+      (inside `jax.pmap` / `jax.shard_map`: one perturbation per device)
+      or `sam_optax.Chunks` (one per chunk, or accumulation with
+      ``shared=True``).
+    track_cosine: measure the state's ``cosine`` (one more parameter-sized
+      buffer, two more passes over the parameters); off, it holds 0.
 
-  Inside `optax.MultiSteps` the chain runs once per k micro-batches with the
-  accumulated gradient and the last micro-batch's keyword arguments: the
-  perturbation follows the accumulated gradient but the re-gradient sees the
-  last micro-batch only -- neither SAM on the accumulated batch nor
-  m-sharpness. For SAM on a batch too large for memory use
-  ``layout=sam_optax.Chunks(m, shared=True)`` with the clean gradient from
-  `sam_optax.chunked_value_and_grad`, which equals full-batch SAM.
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose state is a `SAMState`,
+    to chain in front of an optax optimizer.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -86,40 +95,10 @@ def sam(
     >>> print(params['w'])
     [0.9314088 0.9314088 0.9314088]
 
-  Args:
-    loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar loss, or
-      ``(loss, aux)`` with ``has_aux=True`` (aux of the perturbed pass, e.g.
-      BatchNorm statistics, is dropped).
-    rho: radius of the neighbourhood (total ascent length), a number >= 0 or
-      an optax schedule evaluated on this transformation's step count.
-
-  **Options every variant takes** (keyword-only; the pipeline adds them to
-  each factory, so they mean the same everywhere):
-
-  - ``ascent_steps`` -- the number of normalized ascent steps (k >= 1).
-  - ``has_aux`` -- whether ``loss_fn`` returns ``(loss, aux)``.
-  - ``perturbation_mask`` -- which parameters are perturbed: None (all), a
-    pytree of bools like params, a function ``params -> pytree of bools``
-    (as `optax.masked` takes) or a predicate ``(path, leaf) -> bool``; the
-    norm is taken over the selected leaves only, and the others stay at w
-    (SAM-ON, Mueller et al., 2023: perturbing only the normalization
-    layers).
-  - ``layout`` -- how the step lies over devices and over the batch: None
-    (one device, the whole batch), `sam_optax.PerDevice` (inside `jax.pmap`
-    / `jax.shard_map`, one perturbation per device) or `sam_optax.Chunks`
-    (m-sharpness inside the step, or gradient accumulation with
-    ``shared=True``).
-  - ``track_cosine`` -- measure the ``cosine`` diagnostic. It keeps g0 alive
-    through the second pass (one more parameter-sized buffer) and costs two
-    passes over the parameters, so it is off by default and the field is
-    0 ("not measured"); ``perturbed_loss`` and ``grad_norm`` are free.
-
-  Returns:
-    An `optax.GradientTransformationExtraArgs` whose state is a `SAMState`.
-
   References:
     Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
-    Generalization <https://arxiv.org/abs/2010.01412>`_, ICLR 2021.
+    Generalization <https://arxiv.org/abs/2010.01412>`_, ICLR 2021
+    (authors' code: google-research/sam).
   """
   del loss_fn  # the pipeline takes it
   return variant_lib.Variant(

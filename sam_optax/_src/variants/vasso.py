@@ -16,18 +16,12 @@ PyTree = Any
 
 
 class VaSSOState(NamedTuple):
-  """State of `vasso`: the step count, diagnostics and the averaged direction.
+  """State of `vasso`: the common fields of `SAMState`, the averaged direction.
 
   Attributes:
-    count: number of updates so far (int32).
-    perturbed_loss: L(w + eps) at the last update, float32.
-    grad_norm: ||g0||, the norm of the last clean gradient, float32.
-    cosine: cos(g0, g) between the clean gradient and the gradient handed
-      on; 0 unless built with ``track_cosine=True``.
     direction: d, the moving average of the clean gradients that the ascent
-      follows, , a float32 tree like ``params``
-      (zeros before the first update). Under a layout it is the mean over the
-      perturbation groups, like the handed-on gradient.
+      follows, a float32 tree like ``params`` (zeros before the first
+      update); under a layout, the mean over the perturbation groups.
   """
 
   count: jax.Array
@@ -67,16 +61,21 @@ def vasso(
     \epsilon = \rho\, \frac{d_t}{\|d_t\|}, \qquad
     g = \nabla L(w + \epsilon),
 
-  with :math:`d_0 = g_{0,0}` on the first step (plain SAM). ``theta``
-  weights the *new* gradient: ``theta=1`` is SAM, a small theta a long
-  average.
+  with :math:`d_0 = g_{0,0}` on the first step (plain SAM).
 
-  **As the authors' release** (BingcongLi/VaSSO, ``solver/vasso.py``): the
-  first step, the update of ``d`` (their ``ema``) and the meaning of
-  ``theta``. They divide by ``||d|| + 1e-7``; here the division is exact
-  and zero-safe. With ``ascent_steps=k`` the first of the k steps follows
-  :math:`d`, the later ones the gradient at the point reached (the paper has
-  k = 1).
+  Args:
+    loss_fn: as in `sam`.
+    rho: radius of the ascent, a number >= 0 or a schedule.
+    theta: the weight of the new gradient in the average, in [0, 1], a
+      number or a schedule (``theta=1`` is SAM, a small theta a long
+      average).
+
+  ``ascent_steps``, ``has_aux``, ``perturbation_mask``, ``layout`` and
+  ``track_cosine`` work as in `sam`; the first of k ascent steps follows
+  :math:`d`, a mask applies to the ascent and the average keeps every leaf.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose state is a `VaSSOState`.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -95,23 +94,10 @@ def vasso(
     >>> print(params['w'])
     [ 1.1953... -0.2766... -0.2517...]
 
-  Args:
-    loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar loss, or
-      ``(loss, aux)`` with ``has_aux=True``.
-    rho: radius of the ascent, a number >= 0 or a schedule.
-    theta: the weight of the new gradient in the average, in [0, 1], a
-      number or a schedule.
-
-  ``ascent_steps``, ``has_aux``, ``perturbation_mask`` and ``layout`` work
-  as in `sam` (a mask applies to the ascent: the norm is over the selected
-  leaves; the average keeps every leaf).
-
-  Returns:
-    An `optax.GradientTransformationExtraArgs` whose state is a `VaSSOState`.
-
   References:
     Li & Giannakis, `Enhancing Sharpness-Aware Optimization Through Variance
-    Suppression <https://arxiv.org/abs/2309.15639>`_, NeurIPS 2023.
+    Suppression <https://arxiv.org/abs/2309.15639>`_, NeurIPS 2023 (authors'
+    code: BingcongLi/VaSSO).
   """
   del loss_fn  # the pipeline takes it
   bounds.check_below('vasso', 'theta', theta, 1.0, inclusive=True)

@@ -19,21 +19,16 @@ _SIN_THETA_FLOOR = 1e-8
 
 
 class XSAMState(NamedTuple):
-  """State of `xsam`: the step count, alpha, the last probe and diagnostics.
+  """State of `xsam`: the common fields of `SAMState`, alpha and the probe.
 
   Attributes:
-    count: number of updates so far (int32); schedules and the probe period
-      are evaluated on it.
-    perturbed_loss: L(w + eps) at the last update, float32.
-    grad_norm: ||g0||, the norm of the last incoming (clean) gradient.
-    cosine: cos(g0, g) between the clean gradient and the gradient handed
-      on; 0 unless built with ``track_cosine=True``.
-    alpha: the interpolation fraction of the last update (float32): the
-      probed value, kept between probes (or the given ``alpha`` without a
-      probe); with ``max_angle`` a step may use a smaller, capped value.
-    probe_losses: the losses L(w0 + rho_max d(alpha_j)) over the alpha grid
-      at the last probe (float32, one entry per grid point; zeros until the
-      first probe), so the loss along the arc can be logged and plotted.
+    alpha: the interpolation fraction the probe chose (or the given
+      ``alpha`` without a probe), float32; kept between probes, and not
+      lowered by a ``max_angle`` cap of one step.
+    probe_losses: the losses along the alpha grid at the last probe
+      (float32, one per grid point; zeros until the first probe). A probe
+      whose losses are all NaN keeps the previous alpha, and its losses
+      here say so.
   """
 
   count: jax.Array
@@ -217,9 +212,8 @@ def xsam(
 ) -> variant_lib.Variant:
   r"""Explicit SAM: the update points at the loss maximum found in a plane.
 
-  XSAM takes SAM's ascent to :math:`w_k` (k normalized steps of total length
-  :math:`\rho`) and the gradient :math:`g_k = \nabla L(w_k)` found there, and
-  searches the plane of
+  From SAM's ascent to :math:`w_k` and the gradient
+  :math:`g_k = \nabla L(w_k)` there, XSAM searches the plane of
 
   .. math::
 
@@ -227,59 +221,44 @@ def xsam(
     v_1 = \frac{g_k}{\|g_k\|}, \qquad
     \theta = \arccos \mathrm{clip}(\langle v_0, v_1 \rangle, -1, 1)
 
-  for the direction of the loss maximum, along the spherical interpolation
+  along the spherical interpolation, and hands on
 
   .. math::
 
     d(\alpha) = \frac{\sin((1-\alpha)\theta)\, v_0 + \sin(\alpha\theta)\,
-    v_1}{\sin\theta}, \qquad g = \|g_k\|\, d(\alpha).
+    v_1}{\sin\theta}, \qquad g = \|g_k\|\, d(\alpha)
 
-  Every ``probe_every`` steps (steps 0, p, 2p, ... of this transformation,
-  before that step's update, on that step's minibatch) a probe evaluates
-  :math:`L(w_0 + \rho_{\max} d(\alpha))` -- forward passes only -- for
-  :math:`\alpha \in \{0, \Delta, 2\Delta, \dots, \alpha_{\max}\}` and keeps
-  the alpha of the largest loss (ties: the smaller alpha). Between probes
-  alpha is kept in the state while :math:`v_0, v_1, \theta` are recomputed at
-  every step. The probe is a `jax.lax.cond` branch, so steps without it pay
-  only the few vector operations of the slerp on top of SAM.
+  (the limit :math:`(1-\alpha) v_0 + \alpha v_1` where
+  :math:`\sin\theta < 10^{-8}`). On steps 0, p, 2p, ... (p =
+  ``probe_every``) a probe evaluates :math:`L(w_0 + \rho_{\max}
+  d(\alpha))`, forward passes only, for :math:`\alpha \in \{0, \Delta,
+  \dots, \alpha_{\max}\}` and keeps the alpha of the largest loss (ties:
+  the smaller); between probes alpha stays in the state while
+  :math:`v_0, v_1, \theta` are recomputed every step. ``alpha=1`` is SAM's
+  gradient, ``alpha=0`` the ascent direction.
 
-  ``alpha=1`` gives :math:`v_1`, i.e. SAM's gradient; ``alpha=0`` gives the
-  ascent direction (the paper's "SGD+"); ``alpha>1`` goes past :math:`v_1`.
-  With ``probe_every=None`` there is no probe and the update uses ``alpha``
-  (a number or a schedule) at every step; ``xsam(f, rho, probe_every=None,
-  alpha=1.0)`` is ``sam(f, rho)`` (c0 = 0 and c1 = 1 exactly). With the
-  probe on, ``alpha`` is only the state's value before the first probe
-  (which runs on step 0).
+  Args:
+    loss_fn: as in `sam`.
+    rho: total ascent length, a number >= 0 or a schedule.
+    rho_max: the probe's radius, a number > 0 or a schedule.
+    probe_every: the probe period p, a static int >= 1, or None: no probe,
+      ``alpha`` at every step.
+    alpha: the interpolation fraction without a probe (a number >= 0 or a
+      schedule); with the probe, the state's value before the first probe.
+    alpha_max: the largest alpha the probe tries, a static number > 0.
+    alpha_step: the spacing :math:`\Delta` of the probe's grid, a static
+      number in ``(0, alpha_max]``.
+    probe_batch_size: grid points evaluated at once: None (one at a time,
+      `jax.lax.map`), up to the grid's length (one `jax.vmap`).
+    max_angle: None (the paper), or the largest angle in (0, pi] radians
+      between d(alpha) and v0: each step uses at most alpha =
+      ``max_angle / theta`` and the probe chooses below it.
 
-  Degenerate planes (:math:`\sin\theta < 10^{-8}`: zero or (anti)parallel
-  vectors) use the :math:`\theta \to 0` limit
-  :math:`(1-\alpha) v_0 + \alpha v_1` (the reference code uses
-  :math:`(v_0 + v_1)/2`, the same at alpha = 1/2; the limit keeps alpha = 1
-  exactly SAM there too); norms and dot products are float32;
-  zero gradients give a zero update, never NaN.
+  ``ascent_steps``, ``has_aux``, ``perturbation_mask``, ``layout`` and
+  ``track_cosine`` work as in `sam`.
 
-  **Layouts.** Under every ``layout`` each group (device, chunk) builds its
-  own v0, v1 and update, but alpha is chosen once: the probe's losses are
-  averaged over all groups first (`PerDevice` and `Chunks` at the same m
-  pick the same alpha, on the grid). The probe is its own pass, before the
-  update: on a probe step it costs one more gradient per group on top of
-  its forward passes. A probe whose losses are all NaN (a bad batch) keeps
-  the previous alpha; its NaN losses stay in ``probe_losses`` to say so.
-
-  **Defaults, from measurements** (benchmarks/results/xsam_defaults.md,
-  MNIST-1D CNN, 3 seeds, with and without 20% label noise): ``rho=0.15``,
-  ``rho_max=rho`` (0.15) and the grid 0..2 step 0.1. The paper's CIFAR probe
-  radius ``rho_max = 2 rho = 0.3`` made training stall on some seeds there
-  (test accuracy far below SGD), with the probe choosing alpha near
-  1.6-1.8. With alpha fixed at 1.8 the cosine between the update and the
-  clean gradient fell to about 0 (and below) within the first epoch, as
-  ``||g0||`` shrank and theta grew, and the network ended at chance;
-  ``max_angle=pi/2`` only partly prevented the stall. With a probe radius of
-  at most 0.2 (``rho_max`` = rho .. 4 rho at rho = 0.05, ``rho_max = rho``
-  at rho = 0.15) XSAM matched or beat SAM at the same ``rho``, within the
-  seed spread. ``probe_every=100`` was not tuned (the paper
-  probes once per epoch); on short epochs probe less often to keep the cost
-  within a few percent of SAM (benchmarks/results/xsam.md).
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose state is an `XSAMState`.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -294,42 +273,6 @@ def xsam(
     >>> updates, opt_state = tx.update(grads, opt_state, params, batch=batch)
     >>> print(opt_state[0].alpha, opt_state[0].probe_losses.shape)
     1.9 (21,)
-
-  Args:
-    loss_fn: ``loss_fn(params, **loss_kwargs)`` returning a scalar loss, or
-      ``(loss, aux)`` with ``has_aux=True`` (aux of the perturbed and probe
-      passes is dropped).
-    rho: total ascent length, a number >= 0 or an optax schedule.
-    rho_max: the probe's radius, a number > 0 or a schedule; keep it at
-      most about ``rho`` (see above).
-    probe_every: probe period in steps (an int >= 1), or ``None`` for no
-      probe and a fixed (or scheduled) ``alpha``.
-    alpha: the interpolation fraction without a probe (a number >= 0 or a
-      schedule); with the probe, the state's value before the first probe.
-    alpha_max: the largest alpha the probe tries, a static number > 0.
-    alpha_step: the spacing of the probe's alpha grid, a static number in
-      ``(0, alpha_max]``.
-    probe_batch_size: how many grid points are evaluated at once:
-      ``None`` (default) one at a time with `jax.lax.map` (memory of one
-      forward pass), the grid length for a single `jax.vmap` (fastest, memory
-      of all of them), or anything between.
-    max_angle: an option beyond the paper, off by default: the largest angle
-      (radians, in (0, pi]) between the direction d(alpha) and the ascent
-      direction v0. At every step alpha is capped at ``max_angle / theta``
-      and the probe only chooses among grid points below that cap (alpha = 0
-      is always allowed); the state keeps the uncapped ``alpha``, so the cap
-      of one step does not carry over to the next.
-      ``pi / 2`` keeps the update from turning past a right angle with the
-      ascent direction; on our MNIST-1D runs with ``rho_max = 0.3`` it only
-      partly prevented the stall described above
-      (benchmarks/results/xsam_defaults.md), so it is off by default.
-
-  ``ascent_steps``, ``has_aux``, ``perturbation_mask`` and ``layout`` work
-  as in `sam`; with ``ascent_steps=k``, v0 is the direction of the whole
-  displacement :math:`w_k - w_0`.
-
-  Returns:
-    An `optax.GradientTransformationExtraArgs` whose state is an `XSAMState`.
 
   References:
     Chen & Zhou, `Revisiting Sharpness-Aware Minimization: A More Faithful
