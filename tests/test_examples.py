@@ -141,33 +141,37 @@ def test_flax_nnx_trains(tmp_path_factory):
   assert math.isfinite(result['test_loss'])
 
 
-def test_flax_nnx_loss_leaves_the_closed_over_statistics_alone():
-  """copy=True: a training-mode pass writes into its own copy of the stats.
+def test_flax_nnx_perturbed_pass_leaves_the_model_alone():
+  """The adapted loss runs on a copy rebuilt from the snapshot.
 
-  Without it, the forward pass would write into the closed-over
-  ``batch_stats`` -- from inside this jit, flax's TraceContextError.
+  The model's statistics and dropout count stay as they were; the same
+  snapshot gives the same mask (the same loss), a later one another mask.
   """
   from flax import nnx  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
+  import sam_optax.nnx  # pylint: disable=g-import-not-at-top
 
   module = load('flax_nnx.py')
-  # The --quick sizes: the eager initialization is then already compiled.
-  model = module.MLP(40, 32, 10, 0.5, rngs=nnx.Rngs(0))
-  graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-  before = [np.array(v) for v in jax.tree.leaves(batch_stats)]
+  model = module.MLP(40, 32, 10, 0.5, rngs=nnx.Rngs(0, dropout=1))
+  def arrays(model):
+    state = nnx.state(model, nnx.Not(nnx.RngKey))  # the keys never change
+    return [np.array(v) for v in jax.tree.leaves(state)]
+
+  before = arrays(model)
   x = np.sin(np.arange(50 * 40, dtype=np.float32)).reshape(50, 40)
   y = np.arange(50, dtype=np.int32) % 10
-  loss_fn = jax.jit(module.make_loss_fn(graphdef, batch_stats))
-  key = jax.random.key(0)
-  loss, new_stats = loss_fn(params, x, y, key)
-  for want, got in zip(before, jax.tree.leaves(batch_stats)):
+  loss_fn = jax.jit(sam_optax.nnx.loss_fn(module.loss_fn))
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  snapshot = sam_optax.nnx.snapshot(model)
+  loss = loss_fn(params, snapshot=snapshot, x=x, y=y)
+  for want, got in zip(before, arrays(model)):
     np.testing.assert_array_equal(got, want)
-  assert max(float(np.max(np.abs(np.asarray(a) - b))) for a, b in zip(
-      jax.tree.leaves(new_stats), before)) > 1e-3
-  # The same key gives the same dropout mask, hence the same loss.
-  np.testing.assert_allclose(loss_fn(params, x, y, key)[0], loss, rtol=1e-6)
-  assert abs(float(loss_fn(params, x, y, jax.random.key(1))[0])
-             - float(loss)) > 1e-6
+  np.testing.assert_allclose(loss_fn(params, snapshot=snapshot, x=x, y=y),
+                             loss, rtol=1e-6)
+  module.loss_fn(model, x, y)  # a clean pass advances the dropout count
+  later = sam_optax.nnx.snapshot(model)
+  assert abs(float(loss_fn(params, snapshot=later, x=x, y=y)) - float(loss)
+             ) > 1e-6
 
 
 def test_flax_nnx_chunks_keep_the_statistics_whole(tmp_path_factory):
