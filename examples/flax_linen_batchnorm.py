@@ -1,24 +1,25 @@
 """SAM with Flax Linen and BatchNorm: running statistics from the clean pass.
 
 A small 1-D CNN with BatchNorm is trained on MNIST-1D (generated locally by
-the ``mnist1d`` package, no download) with a ``TrainState``-style loop and
-``optax.chain(sam_optax.sam(loss_fn, has_aux=True), optax.sgd(...))``.
+the ``mnist1d`` package, no download) on ``sam_optax.linen.TrainState`` with
+``optax.chain(sam_optax.sam(sam_loss, has_aux=True), optax.sgd(...))``.
 
-``loss_fn(params, batch_stats, x, y)`` returns ``(loss, new_batch_stats)``.
-The caller's clean pass computes the gradient *and* the new running
-statistics; SAM's perturbed pass at w + eps calls the same ``loss_fn`` and
-drops its aux output, so the running statistics never see the perturbed
-weights -- as in the original SAM code. On the first and the last step the
-example shows the difference this makes: the statistics stored in the state
-(those of the clean pass, which this train step keeps) against those a
+``sam_loss = sam_optax.linen.loss_fn(model.apply, loss)`` turns the loss
+written for the model, ``loss(model, x, y)`` with ``model(x, train=True)``,
+into ``sam_loss(params, *, batch_stats, rngs, x, y) -> (loss,
+new_batch_stats)`` (``apply`` with ``mutable=['batch_stats']``). The train
+step's clean pass takes its gradient *and* the new running statistics; SAM's
+perturbed pass at w + eps calls the same function and drops its aux, so the
+running statistics never see the perturbed weights -- as in the original SAM
+code. On the first and the last step the example shows the difference this
+makes: the statistics stored in the state (the clean pass's) against those a
 forward pass at w + eps would have produced (eps = rho g / ||g||, written out
-by hand here). The library's side of the contract -- the perturbed pass's aux
-reaches neither the update nor the state -- is tested in tests/test_battery.py
-(test_aux_is_dropped) and tests/test_integration.py.
+by hand here with ``model.apply``).
 
-``flax.training.train_state.TrainState.apply_gradients`` does not forward
-keyword arguments to ``tx.update``, so the ``TrainState`` below adds one
-field (``batch_stats``) and forwards ``loss_kwargs``.
+flax's ``TrainState.apply_gradients`` calls ``tx.update`` without keyword
+arguments, so the perturbed pass could not get the batch;
+``sam_optax.linen.TrainState`` adds a ``batch_stats`` field and forwards
+``loss_kwargs`` (with the statistics the clean pass started from).
 
 Run::
 
@@ -35,7 +36,6 @@ import time
 from typing import Any, Optional, Sequence
 
 from flax import linen as nn
-from flax.training import train_state
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,6 +43,7 @@ import optax
 import tqdm
 
 import sam_optax
+import sam_optax.linen
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import mnist1d_common  # noqa: E402  (MNIST-1D, generated locally)
@@ -69,60 +70,29 @@ class CNN(nn.Module):
     return nn.Dense(10)(x.mean(axis=1))
 
 
-class TrainState(train_state.TrainState):
-  """``TrainState`` with running statistics; forwards ``loss_kwargs``."""
-
-  batch_stats: Any = None
-
-  def apply_gradients(self, *, grads, loss_kwargs=None, **kwargs):
-    updates, opt_state = self.tx.update(
-        grads, self.opt_state, self.params, **(loss_kwargs or {})
-    )
-    return self.replace(
-        step=self.step + 1,
-        params=optax.apply_updates(self.params, updates),
-        opt_state=opt_state,
-        **kwargs,
-    )
-
-
-def make_loss_fn(model: CNN):
-  """``loss_fn(params, batch_stats, x, y) -> (loss, new_batch_stats)``."""
-
-  def loss_fn(params, batch_stats, x, y):
-    logits, mutated = model.apply(
-        {'params': params, 'batch_stats': batch_stats},
-        x,
-        train=True,
-        mutable=['batch_stats'],
-    )
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return loss, mutated['batch_stats']
-
-  return loss_fn
+def loss(model, x, y):
+  """The loss written for the model: ``model(x, train=True)`` is its apply."""
+  logits = model(x, train=True)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
 def make_steps(model: CNN, rho: float):
   """The jitted train step, evaluation and the clean-pass check."""
-  loss_fn = make_loss_fn(model)
+  sam_loss = sam_optax.linen.loss_fn(model.apply, loss)
 
   @jax.jit
-  def train_step(state: TrainState, x, y):
+  def train_step(state: sam_optax.linen.TrainState, x, y):
     # Clean pass: gradient and the new running statistics.
-    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.batch_stats, x, y
-    )
-    # SAM's perturbed pass calls loss_fn with these arguments; its aux (the
-    # statistics at w + eps) is dropped.
-    state = state.apply_gradients(
-        grads=grads,
-        batch_stats=new_stats,
-        loss_kwargs={'batch_stats': state.batch_stats, 'x': x, 'y': y},
-    )
-    return state, loss
+    (value, new_stats), grads = jax.value_and_grad(sam_loss, has_aux=True)(
+        state.params, batch_stats=state.batch_stats, x=x, y=y)
+    # SAM's perturbed pass gets x, y and this state's batch_stats; its aux
+    # (the statistics at w + eps) is dropped.
+    state = state.apply_gradients(grads=grads, batch_stats=new_stats,
+                                  loss_kwargs={'x': x, 'y': y})
+    return state, value
 
   @jax.jit
-  def evaluate_batch(state: TrainState, x, y):
+  def evaluate_batch(state, x, y):
     logits = model.apply(
         {'params': state.params, 'batch_stats': state.batch_stats},
         x,
@@ -131,30 +101,37 @@ def make_steps(model: CNN, rho: float):
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
     return losses.sum(), jnp.sum(jnp.argmax(logits, -1) == y)
 
-  def evaluate(state: TrainState, x, y, batch_size: int):
+  def evaluate(state, x, y, batch_size: int):
     """Mean loss and accuracy, in batches of one shape (one compile)."""
-    loss = correct = 0.0
+    total = correct = 0.0
     for i in range(0, len(x), batch_size):
       batch_loss, batch_correct = evaluate_batch(
           state, x[i:i + batch_size], y[i:i + batch_size]
       )
-      loss, correct = loss + float(batch_loss), correct + float(batch_correct)
-    return loss / len(x), correct / len(x)
+      total, correct = total + float(batch_loss), correct + float(batch_correct)
+    return total / len(x), correct / len(x)
+
+  def loss_by_hand(params, batch_stats, x, y):
+    logits, mutated = model.apply(
+        {'params': params, 'batch_stats': batch_stats}, x, train=True,
+        mutable=['batch_stats'])
+    value = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return value, mutated['batch_stats']
 
   @jax.jit
-  def reference_stats(state: TrainState, x, y):
+  def reference_stats(state, x, y):
     """Running statistics of a clean and of a perturbed pass, by hand."""
-    grads, clean = jax.grad(loss_fn, has_aux=True)(
+    grads, clean = jax.grad(loss_by_hand, has_aux=True)(
         state.params, state.batch_stats, x, y
     )
     norm = optax.tree.norm(grads)
     eps = jax.tree.map(lambda g: rho * g / jnp.maximum(norm, 1e-12), grads)
-    _, perturbed = loss_fn(
+    _, perturbed = loss_by_hand(
         optax.apply_updates(state.params, eps), state.batch_stats, x, y
     )
     return clean, perturbed
 
-  return train_step, evaluate, reference_stats
+  return sam_loss, train_step, evaluate, reference_stats
 
 
 def check_clean_statistics(before, after, x, y, reference_stats) -> float:
@@ -211,17 +188,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   )
   model = CNN(channels=args.channels)
   variables = model.init(jax.random.key(args.seed), x_train[:2], train=False)
+  sam_loss, train_step, evaluate, reference_stats = make_steps(model, args.rho)
   tx = optax.chain(
-      sam_optax.sam(make_loss_fn(model), rho=args.rho, has_aux=True),
+      sam_optax.sam(sam_loss, rho=args.rho, has_aux=True),
       optax.sgd(args.lr, momentum=0.9),
   )
-  state = TrainState.create(
+  state = sam_optax.linen.TrainState.create(
       apply_fn=model.apply,
       params=variables['params'],
       batch_stats=variables['batch_stats'],
       tx=tx,
   )
-  train_step, evaluate, reference_stats = make_steps(model, args.rho)
 
   rng = np.random.default_rng(args.seed)
   steps_per_epoch = len(x_train) // args.batch_size
