@@ -11,6 +11,7 @@ special by design), so the battery checks that apply run on it here.
 
 import functools
 import re
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,10 @@ import optax
 import pytest
 
 import sam_optax
+from sam_optax._src.core import tree_math
+from sam_optax._src.pipeline import transformation
+from sam_optax._src.pipeline import variant as variant_lib
+from sam_optax._src.variants import cheap
 import test_battery
 import test_reliability
 from variants import Variant
@@ -137,6 +142,48 @@ def test_random_sam_coin_and_interval():
                             else (g0, False))
   check(sam_optax.random_sam(loss_fn, rho=0.3, interval=2, scale_rho=True),
         every)
+
+
+def test_random_sam_interval_is_looksam_without_reuse():
+  # Both run on the same "every k" piece: SAM on steps 0, 3, 6; g0 between.
+  interval, _ = run(sam_optax.random_sam(loss_fn, rho=0.3, interval=3))
+  looksam, flags = run(sam_optax.looksam(loss_fn, rho=0.3, k=3, alpha=0.0))
+  np.testing.assert_allclose(interval, looksam, rtol=1e-6, atol=1e-7)
+  assert flags == [t % 3 == 0 for t in range(STEPS)]
+
+
+class _ThresholdState(NamedTuple):
+  count: jax.Array
+  perturbed_loss: jax.Array
+  grad_norm: jax.Array
+  cosine: jax.Array
+  sam_step: jax.Array
+
+
+@transformation.transformation
+def _sam_where_the_gradient_is_large(loss_fn, rho=0.05):
+  """A cheap variant built from `cheap.threshold`: SAM where |g0| >= 4.3."""
+  del loss_fn
+  when = cheap.threshold(
+      lambda ctx: (tree_math.tree_norm(ctx.clean_grad) - 4.3, {}))
+
+  def combine(ctx):
+    sam_step, _, loss, grad = when.sam_or_clean(ctx)
+    return variant_lib.Step(grad, loss, ctx.state._replace(sam_step=sam_step))
+
+  return variant_lib.Variant(
+      name='threshold_sam', hyperparams={'rho': rho}, state=_ThresholdState,
+      combine=combine, agree={'sam_step': 'same'},
+      init=lambda params: _ThresholdState(
+          **variant_lib.initial_diagnostics(), sam_step=jnp.asarray(False)))
+
+
+def test_a_threshold_takes_sam_where_its_score_is_nonnegative():
+  def handed_on(t, w, g0):
+    take = np.linalg.norm(g0) >= 4.3  # steps 0-3 of 8 (|g0| 6.8 .. 2.7)
+    return (sam_grad(w, 0.3) if take else g0), bool(take)
+
+  check(_sam_where_the_gradient_is_large(loss_fn, rho=0.3), handed_on)
 
 
 def test_ae_sam_matches_its_equations():

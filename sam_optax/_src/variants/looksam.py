@@ -22,7 +22,7 @@ class LookSAMState(NamedTuple):
     count: number of updates so far (int32); steps 0, k, 2k, ... are SAM.
     perturbed_loss: L(w + eps) at the last SAM step, float32.
     grad_norm: ||g0|| at the last update, float32.
-    cosine: cos(g0, g), NaN unless ``track_cosine=True``.
+    cosine: cos(g0, g), 0 unless ``track_cosine=True``.
     sam_step: whether the last update was a SAM step (bool).
     g_v: the part of g1 orthogonal to g0 at the last SAM step, a float32
       tree like the parameters; zeros at init (so a reuse step before the
@@ -58,32 +58,19 @@ def _reuse(g0, g_v, alpha, per_tensor: bool):
   return jax.tree.map(add, g0, g_v)
 
 
-# Ours (issue 13): the first SAM step at 20 % of training by default.
+# Ours: the first SAM step at 20 % of training by default.
 START_FRACTION = 0.2
 
 
-def scheduled(count: jax.Array, k: int, start: int) -> jax.Array:
-  """Whether step ``count`` is a SAM step: start, start + k, start + 2k, ...
-
-  One integer compare and one remainder (a bool scalar).
-  """
-  count = jnp.asarray(count, jnp.int32)
-  if start == 0:
-    return cheap.every(count, k)
-  since = count - jnp.int32(start)
-  return (since >= 0) & (since % jnp.int32(k) == 0)
-
-
-def _combine(k: int, start: int, per_tensor: bool):
+def _combine(when: cheap.When, per_tensor: bool):
   """SAM (and store g_v) on the scheduled steps; reuse g_v between.
 
-  Only the second gradient (and g_v) is inside the `jax.lax.cond`; the
-  reuse axpy is outside it, so XLA fuses it with the base optimizer's
+  Only the second gradient (and g_v) is inside ``when``'s `jax.lax.cond`;
+  the reuse axpy is outside it, so XLA fuses it with the base optimizer's
   update, and a SAM step's output is chosen by a select (never a blend).
   """
 
   def combine(ctx: variant_lib.Context) -> variant_lib.Step:
-    sam_step = scheduled(ctx.count, k, start)
     alpha = ctx.hyperparams['alpha']
     g0 = cheap.wide_tree(ctx.clean_grad)
 
@@ -96,10 +83,9 @@ def _combine(k: int, start: int, per_tensor: bool):
 
     def keep():
       # g1 is not read here (the select takes the reuse).
-      return cheap.varying_like((ctx.state.perturbed_loss, g0, ctx.state.g_v),
-                                ctx.clean_grad)
+      return ctx.state.perturbed_loss, g0, ctx.state.g_v
 
-    loss, g1, g_v = jax.lax.cond(sam_step, take_sam, keep)
+    sam_step, _, (loss, g1, g_v) = when.choose(ctx, take_sam, keep)
     grad = tree_math.tree_select(
         sam_step, g1, _reuse(g0, ctx.state.g_v, alpha, per_tensor))
     return variant_lib.Step(grad, loss, ctx.state._replace(
@@ -143,7 +129,7 @@ def looksam(
   the base optimizer's update; ``g_v`` is kept as a tree like the
   parameters (no flattening).
 
-  **Schedule** (``start``; ours, from the calibration in issue 13, not in
+  **Schedule** (``start``; ours, from a calibration run, not in
   the paper). The SAM steps are :math:`t = s, s + k, s + 2k, \dots` with
   :math:`s` = ``start``; before step :math:`s` there is no SAM step and
   :math:`g_v = 0`, so those steps hand on :math:`g_0` exactly (SGD). With
@@ -230,7 +216,7 @@ def looksam(
   validation.check_bool('looksam', 'per_tensor', per_tensor)
   return variant_lib.Variant(
       name='looksam', hyperparams={'rho': rho, 'alpha': alpha},
-      state=LookSAMState, combine=_combine(k, start, per_tensor),
+      state=LookSAMState, combine=_combine(cheap.every(k, start), per_tensor),
       agree={'sam_step': 'same', 'g_v': 'mean'},
       init=lambda params: LookSAMState(
           **variant_lib.initial_diagnostics(),

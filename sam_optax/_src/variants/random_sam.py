@@ -22,10 +22,11 @@ class RandomSAMState(NamedTuple):
     count: number of updates so far (int32).
     perturbed_loss: L(w + eps) at the last SAM step, float32.
     grad_norm: ||g0|| at the last update, float32.
-    cosine: cos(g0, g), NaN unless ``track_cosine=True``.
+    cosine: cos(g0, g), 0 unless ``track_cosine=True``.
     sam_step: whether the last update was a SAM step (bool).
     key: the raw PRNG key (uint32) the next choice is drawn from; the same
-      in every group and device, so the choice is too.
+      in every group and device, so the choice is too (with ``interval``
+      nothing is drawn and it stays the seed's).
   """
 
   count: jax.Array
@@ -36,25 +37,18 @@ class RandomSAMState(NamedTuple):
   key: jax.Array
 
 
-def _combine(interval: Optional[int], scale_rho: bool):
-  """SAM where the coin (or the interval) says so, g0 elsewhere."""
+def _combine(when: cheap.When, interval: Optional[int], scale_rho: bool):
+  """SAM where ``when`` says so (the coin or the interval), g0 elsewhere."""
 
   def combine(ctx: variant_lib.Context) -> variant_lib.Step:
-    p = ctx.hyperparams['p']
-    key, draw = jax.random.split(ctx.state.key)
-    if interval is None:
-      sam_step = jax.random.uniform(draw) < p
-    else:
-      sam_step = cheap.every(ctx.count, interval)
     if interval is not None and scale_rho:
       hp = dict(ctx.hyperparams, rho=ctx.hyperparams['rho'] * interval)
       ctx = dataclasses.replace(ctx, hyperparams=hp)
-    loss, grad = cheap.sam_or(ctx, sam_step, ctx.perturbed,
-                              cheap.clean_gradient(ctx))
+    sam_step, fields, loss, grad = when.sam_or_clean(ctx)
     # A traced p outside [0, 1] (a schedule) shows as NaN.
-    grad = bounds.nan_unless(p <= 1.0, grad)
+    grad = bounds.nan_unless(ctx.hyperparams['p'] <= 1.0, grad)
     return variant_lib.Step(grad, loss, ctx.state._replace(
-        sam_step=sam_step, key=key))
+        sam_step=sam_step, **fields))
 
   return combine
 
@@ -81,8 +75,8 @@ def random_sam(
 
   ``interval=k`` is the fixed form (Composer's ``SAM(interval=k)``): SAM on
   steps 0, k, 2k, ..., ``p`` unused. ``scale_rho=True`` multiplies rho by
-  k there, the scaling the issue that asked for this variant attributes to
-  Composer (we did not confirm it in Composer's source); off by default.
+  k there, a scaling attributed to Composer (we did not confirm it in
+  Composer's source); off by default.
 
   **Sources.** Random SAM steps are the "SAM with probability p" baseline
   of Zhao et al. (2022, "SS-SAM") and of the LookSAM / AE-SAM papers; the
@@ -130,9 +124,10 @@ def random_sam(
   validation.check_bool('random_sam', 'scale_rho', scale_rho)
   seed = validation.check_static_int('random_sam', 'seed', seed, minimum=0)
   bounds.check_below('random_sam', 'p', p, 1.0, inclusive=True)
+  when = cheap.coin('p') if interval is None else cheap.every(interval)
   return variant_lib.Variant(
       name='random_sam', hyperparams={'rho': rho, 'p': p},
-      state=RandomSAMState, combine=_combine(interval, scale_rho),
+      state=RandomSAMState, combine=_combine(when, interval, scale_rho),
       agree={'sam_step': 'same', 'key': 'same'},
       init=lambda params: RandomSAMState(
           **variant_lib.initial_diagnostics(), sam_step=jnp.asarray(False),
