@@ -1,27 +1,27 @@
-"""SAM with Equinox: an ``eqx.nn.MLP``, ``eqx.partition`` and ``eqx.combine``.
+"""SAM with Equinox: an MLP with dropout in an ``eqx.filter_jit`` loop.
 
-An ``eqx.nn.MLP`` is trained on MNIST-1D (generated locally by the
-``mnist1d`` package, no download) with ``optax.chain(sam_optax.sam(loss_fn,
-rho), optax.sgd(lr, momentum))``; ``--rho 0`` is exactly SGD.
+An MLP with dropout is trained on MNIST-1D (generated locally by the
+``mnist1d`` package, no download) with ``optax.chain(sam_optax.sam(
+sam_optax.equinox.loss_fn(batch_loss, model), rho), optax.sgd(lr,
+momentum))``; ``--rho 0`` is exactly SGD.
 
 How the pieces fit:
 
-* ``params, static = eqx.partition(model, eqx.is_inexact_array)`` splits the
-  model once into its trainable arrays (a model-shaped pytree with ``None``
-  elsewhere) and the rest (the activation functions, the sizes);
-* ``loss_fn(params, x, y)`` -- SAM's handle -- closes over ``static`` and
-  rebuilds the model with ``eqx.combine(params, static)``, so SAM can call it
-  at the perturbed weights w + eps, which it builds leaf by leaf (the
-  ``None`` leaves are no leaves at all to ``jax.tree.map``);
+* ``batch_loss(model, x, y, key)`` is written the Equinox way, for the whole
+  model; ``sam_optax.equinox.loss_fn(batch_loss, model)`` keeps the model's
+  static part (its functions and sizes) and rebuilds the model with
+  ``eqx.combine`` at the weights SAM asks for, w or w + eps;
 * the jitted step (``eqx.filter_jit``) takes the clean gradient with
-  ``jax.value_and_grad(loss_fn)`` and calls ``tx.update(grads, opt_state,
-  params, x=x, y=y)``: the keyword arguments go on to ``loss_fn`` for the
-  perturbed pass, and ``eqx.apply_updates`` applies the result;
-* evaluation takes the whole model, ``eqx.combine(params, static)``, through
-  ``eqx.filter_jit``, which traces its arrays and keeps the rest static.
+  ``eqx.filter_value_and_grad(batch_loss)`` and calls ``tx.update(grads,
+  opt_state, eqx.filter(model, eqx.is_array), x=x, y=y, key=key)``: the
+  keyword arguments go on to the loss for the perturbed pass, and
+  ``eqx.apply_updates`` applies the result to the model;
+* the loop splits a new dropout ``key`` each step and gives it to both
+  passes: the perturbed pass drops the units the clean pass dropped.
 
 On the first step the example checks that the perturbed loss SAM records in
-its state is L(w + eps) with eps = rho g / ||g|| computed by hand.
+its state is L(w + eps) with eps = rho g / ||g|| computed by hand under the
+same dropout key, and that another key would have given another value.
 
 Run::
 
@@ -46,6 +46,7 @@ import optax
 import tqdm
 
 import sam_optax
+import sam_optax.equinox
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import mnist1d_common  # noqa: E402  (MNIST-1D, generated locally)
@@ -57,29 +58,47 @@ def load_mnist1d(num_samples: int, seed: int):
   return (data['x'], data['y']), (data['x_test'], data['y_test'])
 
 
-def batch_loss(model, x, y):
-  """Mean cross-entropy of ``model`` (one example at a time) on a batch."""
-  logits = jax.vmap(model)(x)
+class MLP(eqx.Module):
+  """Linear layers with ReLU and dropout between them."""
+
+  layers: list
+  dropout: eqx.nn.Dropout
+
+  def __init__(self, din: int, width: int, depth: int, dout: int,
+               dropout: float, *, key):
+    sizes = [din] + [width] * depth + [dout]
+    keys = jax.random.split(key, len(sizes) - 1)
+    self.layers = [eqx.nn.Linear(a, b, key=k)
+                   for a, b, k in zip(sizes[:-1], sizes[1:], keys)]
+    self.dropout = eqx.nn.Dropout(dropout)
+
+  def __call__(self, x, *, key=None):
+    """One example; dropout with ``key``, none without (evaluation)."""
+    keys = [None] * len(self.layers) if key is None else list(
+        jax.random.split(key, len(self.layers)))
+    for layer, layer_key in zip(self.layers[:-1], keys):
+      x = jax.nn.relu(layer(x))
+      x = self.dropout(x, key=layer_key, inference=key is None)
+    return self.layers[-1](x)
+
+
+def batch_loss(model, x, y, key):
+  """Mean cross-entropy on a batch, one dropout key per example."""
+  keys = jax.random.split(key, len(x))
+  logits = jax.vmap(lambda xi, ki: model(xi, key=ki))(x, keys)
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-def make_loss_fn(static):
-  """SAM's handle: ``loss_fn(params, x, y)``, params from `eqx.partition`."""
-
-  def loss_fn(params, x, y):
-    return batch_loss(eqx.combine(params, static), x, y)
-
-  return loss_fn
-
-
-def make_steps(loss_fn, tx):
+def make_steps(tx):
   """The jitted train step and evaluation."""
 
   @eqx.filter_jit
-  def train_step(params, opt_state, x, y):
-    loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-    updates, opt_state = tx.update(grads, opt_state, params, x=x, y=y)
-    return eqx.apply_updates(params, updates), opt_state, loss
+  def train_step(model, opt_state, x, y, key):
+    loss, grads = eqx.filter_value_and_grad(batch_loss)(model, x, y, key)
+    updates, opt_state = tx.update(grads, opt_state,
+                                   eqx.filter(model, eqx.is_array),
+                                   x=x, y=y, key=key)
+    return eqx.apply_updates(model, updates), opt_state, loss
 
   @eqx.filter_jit
   def evaluate(model, x, y):
@@ -91,12 +110,18 @@ def make_steps(loss_fn, tx):
 
 
 @eqx.filter_jit
-def perturbed_loss_by_hand(loss_fn, params, x, y, rho):
-  """L(w + eps), eps = rho g / ||g||: what SAM's first step should record."""
-  grads = jax.grad(loss_fn)(params, x, y)
+def perturbed_loss_by_hand(model, x, y, key, rho):
+  """L(w + eps), eps = rho g / ||g||, under ``key`` and under another key.
+
+  Written with ``eqx.partition`` / ``eqx.combine``, without the adapter.
+  """
+  params, static = eqx.partition(model, eqx.is_array)
+  loss = lambda p, k: batch_loss(eqx.combine(p, static), x, y, k)
+  grads = jax.grad(loss)(params, key)
   norm = optax.tree.norm(grads)
   eps = jax.tree.map(lambda g: rho * g / jnp.maximum(norm, 1e-12), grads)
-  return loss_fn(eqx.apply_updates(params, eps), x, y)
+  point = eqx.apply_updates(params, eps)
+  return loss(point, key), loss(point, jax.random.fold_in(key, 1))
 
 
 def parse_args(argv):
@@ -108,6 +133,7 @@ def parse_args(argv):
   parser.add_argument('--width', type=int, default=128)
   parser.add_argument('--depth', type=int, default=2,
                       help='hidden layers of the MLP')
+  parser.add_argument('--dropout', type=float, default=0.1)
   parser.add_argument('--lr', type=float, default=0.05)
   parser.add_argument('--momentum', type=float, default=0.9)
   parser.add_argument('--num-samples', type=int, default=5000)
@@ -127,19 +153,20 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   args = parse_args(argv)
   (x_train, y_train), (x_test, y_test) = load_mnist1d(
       args.num_samples, args.seed)
-  model = eqx.nn.MLP(x_train.shape[1], 10, args.width, args.depth,
-                     key=jax.random.key(args.seed))
-  params, static = eqx.partition(model, eqx.is_inexact_array)
-  loss_fn = make_loss_fn(static)
-  tx = optax.chain(sam_optax.sam(loss_fn, rho=args.rho),
-                   optax.sgd(args.lr, momentum=args.momentum))
-  opt_state = tx.init(params)
-  train_step, evaluate = make_steps(loss_fn, tx)
+  key, model_key = jax.random.split(jax.random.key(args.seed))
+  model = MLP(x_train.shape[1], args.width, args.depth, 10, args.dropout,
+              key=model_key)
+  tx = optax.chain(
+      sam_optax.sam(sam_optax.equinox.loss_fn(batch_loss, model),
+                    rho=args.rho),
+      optax.sgd(args.lr, momentum=args.momentum))
+  opt_state = tx.init(eqx.filter(model, eqx.is_array))
+  train_step, evaluate = make_steps(tx)
 
   rng = np.random.default_rng(args.seed)
   steps_per_epoch = len(x_train) // args.batch_size
   losses, perturbed = [], []
-  expected_first = None
+  expected_first = other_key_first = None
   desc = f'sam rho={args.rho:g}' if args.rho else 'sgd'
   start = time.perf_counter()
   with tqdm.tqdm(total=args.epochs * steps_per_epoch, desc=desc,
@@ -149,10 +176,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
       for i in range(steps_per_epoch):
         idx = order[i * args.batch_size:(i + 1) * args.batch_size]
         x, y = x_train[idx], y_train[idx]
+        key, dropout_key = jax.random.split(key)
         if expected_first is None:
-          expected_first = float(perturbed_loss_by_hand(
-              loss_fn, params, x, y, jnp.float32(args.rho)))
-        params, opt_state, loss = train_step(params, opt_state, x, y)
+          expected_first, other_key_first = (float(v) for v in (
+              perturbed_loss_by_hand(model, x, y, dropout_key,
+                                     jnp.float32(args.rho))))
+        model, opt_state, loss = train_step(model, opt_state, x, y,
+                                            dropout_key)
         losses.append(float(loss))
         # The diagnostics live in the SAM state, the first in the chain.
         perturbed.append(float(opt_state[0].perturbed_loss))
@@ -160,8 +190,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   seconds = time.perf_counter() - start
   np.testing.assert_allclose(perturbed[0], expected_first, rtol=1e-4,
                              atol=1e-6)
+  if args.dropout > 0 and args.rho > 0:
+    assert abs(other_key_first - expected_first) > 1e-4 * abs(
+        expected_first), 'another dropout key should show'
 
-  model = eqx.combine(params, static)
   test_loss, test_acc = evaluate(model, x_test, y_test)
   train_loss, train_acc = evaluate(model, x_train, y_train)
   losses, perturbed = np.asarray(losses), np.asarray(perturbed)
