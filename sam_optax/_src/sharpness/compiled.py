@@ -58,6 +58,11 @@ def _dynamic(name: str, leaf: Any) -> bool:
   return name in DATA_ARGUMENTS or np.ndim(leaf) > 0 or _is_key(leaf)
 
 
+def _is_iterator(x: Any) -> bool:
+  """An iterator is one opaque (static) leaf, never a pytree to flatten."""
+  return isinstance(x, collections.abc.Iterator)
+
+
 def _static_key(leaf: Any) -> Any:
   """A hashable stand-in for a static leaf: its type with its value."""
   if isinstance(leaf, _ARRAY):  # a 0-d option, e.g. rho=jnp.float32(0.1)
@@ -104,12 +109,13 @@ def reuse_compiled(helper: F) -> F:
     names = tuple(arguments)
     leaves, kinds = [], []
     for name, value in arguments.items():
-      argument_leaves = jax.tree.leaves(value)
+      argument_leaves = jax.tree.leaves(value, is_leaf=_is_iterator)
       leaves += argument_leaves
       kinds += [_dynamic(name, x) for x in argument_leaves]
     if any(isinstance(x, jax.core.Tracer) for x in leaves):
       return helper(*args, **kwargs)  # inside the caller's trace
-    treedef = jax.tree.structure(tuple(arguments.values()))
+    treedef = jax.tree.structure(tuple(arguments.values()),
+                                 is_leaf=_is_iterator)
     dynamic_at = tuple(i for i, d in enumerate(kinds) if d)
     static = tuple(None if d else x for x, d in zip(leaves, kinds))
     try:
