@@ -375,7 +375,10 @@ def call_loss(owner: str, loss_fn: Callable[..., Any], params: Any,
         f' tx.update(grads, opt_state, params, {example}) (optax.chain'
         ' forwards them). A loop that calls update(grads, state, params)'
         ' alone cannot feed the loss: close over the batch in loss_fn'
-        ' instead.') from error
+        ' instead. flax\'s TrainState.apply_gradients is such a loop:'
+        ' sam_optax.linen.TrainState forwards apply_gradients(grads=...,'
+        ' loss_kwargs=dict(...)); nnx.Optimizer forwards'
+        ' optimizer.update(model, grads, **loss_kwargs).') from error
 
 
 def _describe(value: Any) -> str:
