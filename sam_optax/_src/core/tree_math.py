@@ -143,6 +143,13 @@ def safe_cosine(a: PyTree, b: PyTree) -> jax.Array:
   return _vdot(a, b) * safe_inverse(denominator)
 
 
+def all_finite(tree: PyTree) -> jax.Array:
+  """Whether every entry of every floating leaf of ``tree`` is finite."""
+  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return functools.reduce(jnp.logical_and, checks, jnp.asarray(True))
+
+
 def nan_unless(ok: jax.Array, tree: PyTree) -> PyTree:
   """``tree`` where ``ok``, NaN where not: how a bad value is never hidden.
 

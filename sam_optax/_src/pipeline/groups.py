@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from sam_optax._src.core import batching
+from sam_optax._src.core import collectives
 from sam_optax._src.core import tree_math
 from sam_optax._src.pipeline import layouts
 from sam_optax._src.pipeline.variant import Group
@@ -181,7 +182,7 @@ def per_device(fn: GroupStep, batch: Batch, layout: layouts.PerDevice):
   tracked = _check_local(batch, layout)
   value_and_grad = batch.value_and_grad
   batch = batch._replace(value_and_grad=lambda w, kw: value_and_grad(
-      make_local(w, layout.axes, tracked), kw))
+      collectives.make_local(w, layout.axes, tracked), kw))
   sync = (lambda tree: sync_mean(tree, layout)) if layout.sync else _same
   clean = sync(batch.updates)
   if layout.chunks is None:
@@ -208,42 +209,15 @@ def chunk_groups(layout: layouts.Layout) -> bool:
 def device_mean(layout: layouts.Layout, tree: PyTree) -> PyTree:
   """The mean over devices (`PerDevice`), one all-reduce; else ``tree``."""
   if isinstance(layout, layouts.PerDevice):
-    return jax.lax.pmean(tree, layout.axis)
+    return collectives.mean(tree, layout.axes)
   return tree
-
-
-def device_reduce(layout: layouts.Layout, tree: PyTree, how: str) -> PyTree:
-  """``'max'`` / ``'min'`` over devices; ``'same'`` keeps the local value."""
-  if not isinstance(layout, layouts.PerDevice) or how == 'same':
-    return tree
-  reduce = jax.lax.pmax if how == 'max' else jax.lax.pmin
-  return reduce(tree, layout.axis)
 
 
 def sync_mean(tree: PyTree, layout: layouts.PerDevice) -> PyTree:
   """The mean over the sync groups (the whole axis without ``groups``)."""
   if layout.groups is not None:
-    size = jax.lax.axis_size(layout.axis)
-    covered = sum(len(g) for g in layout.groups)
-    if covered != size:
-      raise ValueError(
-          f'PerDevice: groups={layout.groups} cover {covered} devices, but'
-          f' axis {layout.axis!r} has {size}. Give groups that split the'
-          f' indices 0..{size - 1} into equal parts, e.g.'
-          f' {[list(range(i, i + 2)) for i in range(0, size, 2)]}.')
-  return jax.lax.pmean(tree, layout.axis, axis_index_groups=layout.groups)
-
-
-def varying_axes(x) -> frozenset:
-  """The shard_map axes ``x`` varies over (empty outside shard_map)."""
-  try:
-    aval = jax.typeof(x)
-  except TypeError:  # a non-array keyword argument (e.g. a string)
-    return frozenset()
-  manual = getattr(aval, 'manual_axis_type', None)  # jax >= 0.10
-  if manual is not None:
-    return frozenset(getattr(manual, 'varying', ()))
-  return frozenset(getattr(aval, 'vma', ()))  # older jax
+    collectives.check_groups('PerDevice', layout.axis, layout.groups)
+  return collectives.mean(tree, layout.axes, layout.groups)
 
 
 def _check_local(batch: Batch, layout: layouts.PerDevice) -> bool:
@@ -254,9 +228,9 @@ def _check_local(batch: Batch, layout: layouts.PerDevice) -> bool:
   pipeline takes is taken at weights marked varying (`make_local`).
   """
   axes = set(layout.axes)
-  tracked = any(axes & varying_axes(x) for x in jax.tree.leaves(
+  tracked = any(axes & collectives.varying_axes(x) for x in jax.tree.leaves(
       (batch.updates, batch.loss_kwargs)))
-  if tracked and not any(axes <= varying_axes(g)
+  if tracked and not any(axes <= collectives.varying_axes(g)
                          for g in jax.tree.leaves(batch.updates)):
     raise ValueError(
         f'{batch.owner}: with layout={layout!r} the incoming gradient must be'
@@ -278,7 +252,7 @@ def check_layout_fits(owner: str, layout: layouts.Layout,
   """
   if isinstance(layout, layouts.PerDevice):
     return
-  varying = sorted(set().union(*(varying_axes(g)
+  varying = sorted(set().union(*(collectives.varying_axes(g)
                                  for g in jax.tree.leaves(updates))))
   if varying:
     axis = varying[0] if len(varying) == 1 else tuple(varying)
@@ -291,18 +265,6 @@ def check_layout_fits(owner: str, layout: layouts.Layout,
         ' perturbs on its own examples and the update is averaged over the'
         ' axis. (Turning off check_vma instead would let the per-device'
         ' parameter copies silently drift apart.)')
-
-
-def make_local(tree: PyTree, axes: tuple, tracked: bool) -> PyTree:
-  """``tree`` marked device-varying over ``axes`` (when ``tracked``)."""
-  if not tracked:
-    return tree
-
-  def cast(x):
-    missing = tuple(a for a in axes if a not in varying_axes(x))
-    return jax.lax.pcast(x, missing, to='varying') if missing else x
-
-  return jax.tree.map(cast, tree)
 
 
 def reduce_step(layout: layouts.Layout, out: PyTree, diagnostics, means):

@@ -226,8 +226,11 @@ class PerDevice:
 Layout = Optional[Union[Chunks, PerDevice]]
 
 
-def check_bound(owner: str, layout: Layout) -> None:
-  """A `PerDevice` axis must be bound: update runs inside pmap / shard_map."""
+def check_bound(owner: str, layout: Layout, caller: str = 'update') -> None:
+  """A `PerDevice` axis must be bound: ``caller`` runs inside pmap/shard_map.
+
+  JAX's own NameError here would suggest the wrong fix; this names ours.
+  """
   if not isinstance(layout, PerDevice):
     return
   for axis in layout.axes:
@@ -236,9 +239,9 @@ def check_bound(owner: str, layout: Layout) -> None:
     except NameError as error:
       raise ValueError(
           f'{owner}: layout={layout!r} runs inside jax.pmap / jax.shard_map'
-          f' over axis {axis!r}, but no such axis is bound here. Call update'
-          " inside pmap(..., axis_name=...) / shard_map over that axis, or"
-          ' use layout=None (or sam_optax.Chunks(m)) on one device.'
+          f' over axis {axis!r}, but no such axis is bound here. Call'
+          f' {caller} inside pmap(..., axis_name=...) / shard_map over that'
+          ' axis, or use layout=None (or sam_optax.Chunks(m)) on one device.'
       ) from error
 
 

@@ -226,26 +226,29 @@ class Pipeline:
     return (out, diagnostics, means), others
 
   def agreed_state(self, state, diagnostics, means, others):
-    """The new state: count + 1, float32 diagnostics, own fields agreed."""
+    """The new state (count + 1, float32 diagnostics, own fields agreed).
+
+    A ``'mean'`` field is the mean over the groups (and devices); a
+    ``'same'`` field is group 0's value, and whether every group held that
+    same value is returned with the state: a disagreement is a bug that
+    makes the step non-finite (skipped), never a value silently picked.
+    """
     means, others = iter(means), iter(others)
-    own = []
+    own, agreed = [], jnp.asarray(True)
     for f in self.variant.state._fields[4:]:
-      how = self.variant.agree[f]
-      if how == 'mean':
+      if self.variant.agree[f] == 'mean':
         value = next(means)
       else:
-        # 'same' values are equal in every group; their max is that value
-        # (a reduction, so it also works on chunks sharded over a mesh).
-        reduce = jnp.min if how == 'min' else jnp.max
-        value = jax.tree.map(lambda x: reduce(x, axis=0), next(others))
-        value = groups.device_reduce(self.layout, value, how)
+        stacked = next(others)
+        value = jax.tree.map(lambda x: x[0], stacked)
+        agreed = agreed & _all_groups_equal(stacked)
       # A field may be a pytree (e.g. a momentum like the params).
       own.append(jax.tree.map(lambda v, s: v.astype(s.dtype), value,
                               getattr(state, f)))
     # The state's dtypes never follow the parameters' (float64 with x64).
     diagnostics = [jnp.asarray(d, jnp.float32) for d in diagnostics]
     return self.variant.state(optax.safe_increment(state.count),
-                              *diagnostics, *own)
+                              *diagnostics, *own), agreed
 
   def forwarded(self, extra_args: dict) -> dict:
     """The keyword arguments ``loss_fn`` accepts; warns about the others.
@@ -292,30 +295,34 @@ class Pipeline:
       out = self.base_at_zero_rho(step, updates, out)
     out, diagnostics, means = groups.reduce_step(
         self.layout, out, diagnostics, means)
-    return skip_if_not_finite(
-        out, state, self.agreed_state(state, diagnostics, means, others))
+    new_state, agreed = self.agreed_state(state, diagnostics, means, others)
+    return skip_if_not_finite(out, state, new_state, agreed)
 
 
-def all_finite(tree: PyTree) -> jax.Array:
-  """Whether every entry of every floating leaf of ``tree`` is finite."""
-  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-  return functools.reduce(jnp.logical_and, checks, jnp.asarray(True))
+def _all_groups_equal(stacked: PyTree) -> jax.Array:
+  """Whether every group (leading axis) holds the same value."""
+  def equal(x):
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x = jax.random.key_data(x)
+    return jnp.all(x == x[:1])
+  return functools.reduce(jnp.logical_and, [
+      equal(x) for x in jax.tree.leaves(stacked)], jnp.asarray(True))
 
 
-def skip_if_not_finite(out: PyTree, state, new_state):
+def skip_if_not_finite(out: PyTree, state, new_state, ok=True):
   """One bad batch never poisons a state: the rule every variant runs under.
 
   If the step is not finite -- the clean gradient (its norm, a diagnostic),
   a loss or gradient at the perturbed point, a hyperparameter out of bounds,
-  or any of the variant's new state fields -- the whole state is returned
+  or any of the variant's new state fields -- or not ``ok`` (groups that
+  disagree on a ``'same'`` field), the whole state is returned
   exactly as it was (count, EMAs, momenta, statistics, stored directions)
   and the update is made non-finite, so that `optax.apply_if_finite` after
   the transformation skips it: training goes on as if the batch had not
   been there. Every value checked is already agreed over the devices, so
   all devices take the same decision.
   """
-  ok = all_finite(out) & all_finite(new_state)
+  ok = ok & tree_math.all_finite(out) & tree_math.all_finite(new_state)
   kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state,
                       state)
   return tree_math.nan_unless(ok, out), kept
@@ -335,5 +342,5 @@ def build(variant: Variant, loss_fn, *, ascent_steps: int = 1,
       accepted=forwarded_names(loss_fn),
       scalar_loss=validation.checked_scalar_loss(variant.name, loss_fn,
                                                  has_aux))
-  return optax.GradientTransformationExtraArgs(variant.init, (
-      validation.checked_update(variant.name, variant.init, pipeline.update)))
+  return optax.GradientTransformationExtraArgs(
+      *validation.checked(variant.name, variant.init, pipeline.update))

@@ -23,7 +23,7 @@ from sam_optax._src.core import validation
 PyTree = Any
 ScalarOrSchedule = validation.ScalarOrSchedule
 COMMON_FIELDS = ('count', 'perturbed_loss', 'grad_norm', 'cosine')
-AGREEMENTS = ('mean', 'max', 'min', 'same')
+AGREEMENTS = ('mean', 'same')
 
 
 class Group(NamedTuple):
@@ -215,9 +215,10 @@ class Variant:
       direction`` in the variant's metric.
     combine: ``Context -> Step``, the gradient handed on.
     agree: for each own state field, how the groups' values become one:
-      ``'mean'``, ``'max'``, ``'min'``, or ``'same'`` (equal in every group
-      by construction, e.g. chosen from a ``decision``: kept as it is, no
-      all-reduce).
+      ``'mean'`` or ``'same'`` (equal in every group by construction,
+      e.g. chosen from a ``decision``: group 0's value, no all-reduce; the
+      pipeline checks that the groups agree, and a step where they do not
+      is skipped as non-finite).
     decide: optional ``Context -> pytree of floats`` that every group
       computes and that is averaged over all groups before ``combine`` runs,
       so a choice made from it is the same everywhere (XSAM's probe).

@@ -7,8 +7,8 @@ from typing import Any, Iterable, Mapping, Optional
 import jax
 import jax.numpy as jnp
 
+from sam_optax._src.core import collectives
 from sam_optax._src.core import validation
-from sam_optax._src.pipeline import groups
 from sam_optax._src.pipeline import layouts
 
 PyTree = Any
@@ -94,22 +94,8 @@ def check_layout(owner: str, layout: Any) -> layouts.Layout:
         f' (memory of one chunk), or sharpness.m_sharpness(..., m={chunks.m})'
         ' for the mean of per-chunk measurements.')
   if isinstance(layout, layouts.PerDevice):
-    check_bound(owner, layout)
+    layouts.check_bound(owner, layout, caller='the helper')
   return layout
-
-
-def check_bound(owner: str, layout: layouts.PerDevice) -> None:
-  """A PerDevice axis must be bound: the helper runs inside pmap/shard_map."""
-  for axis in layout.axes:
-    try:
-      jax.lax.axis_size(axis)
-    except NameError as error:
-      raise ValueError(
-          f'{owner}: layout={layout!r} measures a batch sharded over axis'
-          f' {axis!r} of jax.pmap / jax.shard_map, but no such axis is bound'
-          ' here. Call the helper inside pmap(..., axis_name=...) /'
-          ' shard_map over that axis, or use layout=None on one device.'
-      ) from error
 
 
 def check_loss_output(owner: str, out: Any, has_aux: bool) -> Any:
@@ -153,9 +139,8 @@ def check_sharded(owner: str, layout: Any, params: PyTree,
   over those axes (not average them), a silently wrong curvature.
   """
   named = set(layout.axes) if isinstance(layout, layouts.PerDevice) else set()
-  data_axes = frozenset().union(
-      *[groups.varying_axes(x) for x in jax.tree.leaves(data)])
-  param_axes = [groups.varying_axes(x) for x in jax.tree.leaves(params)]
+  data_axes = collectives.tree_varying_axes(data)
+  param_axes = [collectives.varying_axes(x) for x in jax.tree.leaves(params)]
   unnamed = sorted(
       (a for a in data_axes - named
        if not all(a in axes for axes in param_axes)), key=str)

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from sam_optax._src.core import batching
+from sam_optax._src.core import collectives
 from sam_optax._src.core import validation
-from sam_optax._src.pipeline import groups
 from sam_optax._src.pipeline import layouts
 from sam_optax._src.sharpness import checks
 from sam_optax._src.sharpness import compiled
@@ -221,9 +221,8 @@ def m_sharpness(
   checks.check_sharded(owner, layout, params, (leaves, common))
   # Each device measures its own chunks: at weights marked device-varying
   # inside shard_map, so that autodiff does not sum over the devices.
-  tracked = any(set(axes) & groups.varying_axes(x)
-                for x in jax.tree.leaves((leaves, common)))
-  params = groups.make_local(params, axes, tracked)
+  tracked = collectives.tracks_variance((leaves, common), axes)
+  params = collectives.make_local(params, axes, tracked)
   pass_key = _accepts_key(measure)
   keys = jax.random.split(checks.resolve_key(key), num_chunks)
 
@@ -251,5 +250,5 @@ def _device_axes(owner: str, layout: Any) -> tuple:
         ' the layout only says which axis the batch is sharded over. Use'
         ' layout=None on one device or sam_optax.PerDevice(axis) inside'
         ' pmap / shard_map.')
-  checks.check_bound(owner, layout)
+  layouts.check_bound(owner, layout, caller='the helper')
   return layout.axes

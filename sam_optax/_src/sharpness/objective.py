@@ -21,27 +21,16 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import jax
-from jax import flatten_util
 import jax.numpy as jnp
 import numpy as np
 
 from sam_optax._src.core import batching
+from sam_optax._src.core import collectives
 from sam_optax._src.core import tree_math
-from sam_optax._src.pipeline import groups
 from sam_optax._src.pipeline import layouts
 from sam_optax._src.sharpness import checks
 
 PyTree = Any
-
-
-def device_mean(tree: PyTree, axes: tuple) -> PyTree:
-  """The mean of ``tree`` over ``axes`` in one all-reduce.
-
-  The leaves are raveled into one vector first (`jax.lax.pmean` of a tree
-  is one all-reduce per leaf), at least float32 wide, as they come back.
-  """
-  flat, unravel = flatten_util.ravel_pytree(jax.tree.map(tree_math.wide, tree))
-  return unravel(jax.lax.pmean(flat, axes))
 
 
 def nan_where(bad: jax.Array, tree: PyTree) -> PyTree:
@@ -117,8 +106,7 @@ class Objective:
     self._chunks = (self.layout if isinstance(self.layout, layouts.Chunks)
                     else getattr(self.layout, 'chunks', None))
     data = (self.common, self.stacked)
-    self._tracked = bool(self._axes) and any(
-        set(self._axes) & groups.varying_axes(x) for x in jax.tree.leaves(data))
+    self._tracked = collectives.tracks_variance(data, self._axes)
     checks.check_sharded(owner, self.layout, params, data)
 
   def local(self, tree: PyTree) -> PyTree:
@@ -128,7 +116,7 @@ class Objective:
     data is summed over the devices by autodiff; taken at varying weights
     it is the device's own, which `_mean` then averages.
     """
-    return groups.make_local(tree, self._axes, self._tracked)
+    return collectives.make_local(tree, self._axes, self._tracked)
 
   def _kwargs(self, batch):
     return self.common if batch is None else {**self.common, **batch}
@@ -153,7 +141,7 @@ class Objective:
       out = self._on_batch(fn, self._kwargs(None))
     else:
       out = self._mean_over_batches(fn)
-    return device_mean(out, self._axes) if self._axes else out
+    return collectives.flat_mean(out, self._axes) if self._axes else out
 
   def _mean_over_batches(self, fn: Callable[[dict], PyTree]) -> PyTree:
     first = jax.tree.map(lambda x: x[0], self.stacked)

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import optax
 
 from sam_optax._src.core import batching
+from sam_optax._src.core import collectives
 from sam_optax._src.core import mesh as mesh_lib
 from sam_optax._src.core import tree_math
 from sam_optax._src.core import validation
-from sam_optax._src.pipeline import groups
 from sam_optax._src.pipeline import layouts
 from sam_optax._src.pipeline import transformation
 from sam_optax._src.variants import bounds
@@ -131,20 +131,10 @@ def _group_step(params, precision, num_data, rho, sync, key, examples):
   return loss, grad_eps, scaled, tree_math.tree_norm(grad)
 
 
-def _same(tree):
-  return tree
-
-
 def _device_key(key, layout: layouts.PerDevice):
   """The key of this device's perturbation: its own, or its sync group's."""
-  try:
-    index = jax.lax.axis_index(layout.axis)
-  except NameError as error:
-    raise ValueError(
-        f'{_OWNER}: layout={layout!r} runs inside jax.pmap / jax.shard_map'
-        f' over axis {layout.axis!r}, but no such axis is bound here. Call'
-        ' update inside pmap(..., axis_name=...) / shard_map, or use'
-        ' layout=None or sam_optax.Chunks(m) on one device.') from error
+  layouts.check_bound(_OWNER, layout)
+  index = jax.lax.axis_index(layout.axis)
   if not layout.sync:
     return jax.random.fold_in(key, index)
   if layout.groups is None:
@@ -165,17 +155,19 @@ def _over_groups(scalar_loss, layout, loss_kwargs, params, precision,
   keys are bSAM's own. Chunk i's key is ``fold_in(key, i)``, device d's
   ``fold_in(key, d)`` (its chunks fold again).
   """
-  sync, local, chunks = _same, _same, layout
+  sync = local = lambda tree: tree  # one device: nothing to mark or sync
+  chunks = layout
   if isinstance(layout, layouts.PerDevice):
     axes, chunks = layout.axes, layout.chunks
     key = _device_key(key, layout)
     # shard_map with check_vma: a gradient at replicated weights is summed
     # over the devices; take every gradient at weights marked varying.
-    tracked = any(set(axes) & groups.varying_axes(x)
-                  for x in jax.tree.leaves(loss_kwargs))
-    local = lambda w: groups.make_local(w, axes, tracked)
+    tracked = collectives.tracks_variance(loss_kwargs, axes)
+    local = lambda w: collectives.make_local(w, axes, tracked)
     if layout.sync:
-      sync = lambda tree: groups.sync_mean(tree, layout)
+      if layout.groups is not None:
+        collectives.check_groups(_OWNER, layout.axis, layout.groups)
+      sync = lambda tree: collectives.mean(tree, axes, layout.groups)
   if chunks is not None and isinstance(chunks.mode, mesh_lib.MeshChunks):
     params, precision = chunks.mode.replicate((params, precision))
   step = lambda k, examples: _group_step(params, precision, num_data, rho,
@@ -203,9 +195,9 @@ def _over_groups(scalar_loss, layout, loss_kwargs, params, precision,
   loss, grad_eps, scaled, grad_norm = result
   if layout.sync and layout.groups is None:
     # g is the axis' own already: so are sqrt(s g^2) and ||g||.
-    loss, grad_eps = groups.device_mean(layout, (loss, grad_eps))
+    loss, grad_eps = collectives.mean((loss, grad_eps), layout.axes)
     return loss, grad_eps, scaled, grad_norm
-  return groups.device_mean(layout, result)  # one all-reduce
+  return collectives.mean(result, layout.axes)  # one all-reduce
 
 
 def bsam(
@@ -407,7 +399,7 @@ def bsam(
         momentum=momentum, precision=precision,
         key=jax.random.key_data(key), skipped_steps=state.skipped_steps)
     # g is finite exactly when ||g|| is; g_eps enters the momentum.
-    ok = ok & complete.all_finite((out, new_state))
+    ok = ok & tree_math.all_finite((out, new_state))
     return complete.skip_unless_finite(ok, out, state, new_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

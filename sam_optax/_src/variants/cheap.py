@@ -17,8 +17,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from sam_optax._src.core import collectives
 from sam_optax._src.core import tree_math
-from sam_optax._src.pipeline import groups
 from sam_optax._src.pipeline import variant as variant_lib
 
 PyTree = Any
@@ -38,9 +38,8 @@ def varying_like(tree: PyTree, ref: PyTree) -> PyTree:
   which axes a value varies over; a value read from the (replicated) state
   in one branch is cast to vary like the gradient of the other.
   """
-  axes = frozenset().union(*(groups.varying_axes(x)
-                             for x in jax.tree.leaves(ref)))
-  return groups.make_local(tree, tuple(axes), bool(axes))
+  axes = collectives.tree_varying_axes(ref)
+  return collectives.make_local(tree, tuple(axes), bool(axes))
 
 
 @dataclasses.dataclass(frozen=True)

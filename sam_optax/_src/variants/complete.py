@@ -12,7 +12,6 @@ on as if the batch had not been there -- and counts it in the state's
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -20,13 +19,6 @@ import jax.numpy as jnp
 import optax
 
 PyTree = Any
-
-
-def all_finite(tree: PyTree) -> jax.Array:
-  """Whether every entry of every floating leaf of ``tree`` is finite."""
-  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-  return functools.reduce(jnp.logical_and, checks, jnp.asarray(True))
 
 
 def skip_unless_finite(ok: jax.Array, out: PyTree, state: NamedTuple,

@@ -206,7 +206,7 @@ def decoupled_wsam(
     out = jax.tree.map(lambda u, s: (tree_math.wide(u) - lr * s).astype(
         u.dtype), out, part_state.sharpness)
     # ||g0|| is finite exactly when g0 is.
-    ok = complete.all_finite((part_state.perturbed_loss, part_state.grad_norm,
+    ok = tree_math.all_finite((part_state.perturbed_loss, part_state.grad_norm,
                               part_state.sharpness, out, base_state))
     return complete.skip_unless_finite(
         ok, out, state, DecoupledWSAMState(part_state, base_state,
