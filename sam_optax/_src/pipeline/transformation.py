@@ -1,9 +1,10 @@
 """From a `Variant` to an `optax.GradientTransformationExtraArgs`.
 
-`transformation` turns a factory ``(loss_fn, ...) -> Variant`` into the
-public factory: it adds the options every variant takes (``ascent_steps``,
-``has_aux``, ``perturbation_mask``, ``layout``), validates them with the
-variant's hyperparameters, and builds ``init`` / ``update``::
+`transformation` turns a factory ``(...) -> Variant`` into the public
+factory ``(loss_fn, ...)``: it takes ``loss_fn`` and the options every
+variant takes (``ascent_steps``, ``has_aux``, ``perturbation_mask``,
+``layout``, ``track_cosine``), validates them with the variant's
+hyperparameters, and builds ``init`` / ``update``::
 
     update(g0, state, params, **kwargs)
       hyperparams at state.count      (bad traced values become NaN)
@@ -23,22 +24,43 @@ import functools
 import inspect
 import numbers
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, ParamSpec, Protocol, TypedDict
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from sam_optax._src.core import directions
+from sam_optax._src.core import inject
 from sam_optax._src.core import masks
 from sam_optax._src.core import tree_math
 from sam_optax._src.core import validation
 from sam_optax._src.pipeline import groups
 from sam_optax._src.pipeline import layouts
+from sam_optax._src.pipeline import variant as variant_lib
 from sam_optax._src.pipeline.variant import Context
 from sam_optax._src.pipeline.variant import Variant
 
 PyTree = Any
+P = ParamSpec('P')
+LossFn = Callable[..., Any]
+
+
+class CommonOptions(TypedDict, total=False):
+  """The keyword-only options every transformation takes (as in `sam`).
+
+  A factory declares them with ``**common: Unpack[CommonOptions]`` so that
+  type checkers see them; the pipeline takes them, the factory never does.
+  """
+
+  ascent_steps: int
+  has_aux: bool
+  perturbation_mask: Optional[directions.LeafMask]
+  layout: layouts.Layout
+  track_cosine: bool
+
+
+# The same options as they show in the public signature, with defaults.
 _COMMON = (
     inspect.Parameter('ascent_steps', inspect.Parameter.KEYWORD_ONLY,
                       default=1, annotation='int'),
@@ -51,29 +73,51 @@ _COMMON = (
     inspect.Parameter('track_cosine', inspect.Parameter.KEYWORD_ONLY,
                       default=False, annotation='bool'),
 )
+_LOSS_FN = inspect.Parameter('loss_fn', inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                             annotation='Callable[..., Any]')
 
 
 class IgnoredKeywordWarning(UserWarning):
   """A keyword argument of ``update`` that ``loss_fn`` does not accept."""
 
 
-def transformation(factory: Callable[..., Variant]):
-  """Decorates ``factory(loss_fn, ...) -> Variant`` as a public factory."""
+class Factory(Protocol[P]):
+  """A public factory: ``loss_fn``, then the variant's own arguments."""
 
-  @functools.wraps(factory)
-  def public(loss_fn, *args, ascent_steps=1, has_aux=False,
-             perturbation_mask=None, layout=None, track_cosine=False,
-             **kwargs):
-    variant = factory(loss_fn, *args, **kwargs)
-    return build(variant, loss_fn, ascent_steps=ascent_steps,
-                 has_aux=has_aux, perturbation_mask=perturbation_mask,
-                 layout=layout, track_cosine=track_cosine)
+  def __call__(self, loss_fn: LossFn, *args: P.args,
+               **kwargs: P.kwargs) -> optax.GradientTransformationExtraArgs:
+    ...
 
+
+def transformation(factory: Callable[P, Variant]) -> Factory[P]:
+  """Decorates ``factory(...) -> Variant`` as the public ``(loss_fn, ...)``.
+
+  The factory declares its own arguments and ``**common:
+  Unpack[CommonOptions]``; ``loss_fn`` and the common options go to the
+  pipeline (`build`). The public factory's signature, for Python and for
+  type checkers, is the factory's with ``loss_fn`` first and the options
+  spelled out; its arguments typed `ScalarOrSchedule` are recorded for
+  `inject_hyperparams`.
+  """
   signature = inspect.signature(factory)
+  own = list(signature.parameters.values())
+  if not own or own[-1].kind is not inspect.Parameter.VAR_KEYWORD:
+    raise TypeError(
+        f'{factory.__name__}: a variant factory ends with **common:'
+        ' Unpack[transformation.CommonOptions], so that type checkers see'
+        ' the options every transformation takes.')
+
+  def public(loss_fn: LossFn, *args: P.args,
+             **kwargs: P.kwargs) -> optax.GradientTransformationExtraArgs:
+    options: dict[str, Any] = {
+        p.name: kwargs.pop(p.name) for p in _COMMON if p.name in kwargs}
+    return build(factory(*args, **kwargs), loss_fn, **options)
+
+  functools.update_wrapper(public, factory)
   public.__signature__ = signature.replace(
-      parameters=list(signature.parameters.values()) + list(_COMMON),
+      parameters=[_LOSS_FN, *own[:-1], *_COMMON],
       return_annotation='optax.GradientTransformationExtraArgs')
-  return public
+  return inject.record_annealable(public)
 
 
 def forwarded_names(loss_fn: Callable[..., Any]) -> Optional[frozenset]:
@@ -92,17 +136,22 @@ def forwarded_names(loss_fn: Callable[..., Any]) -> Optional[frozenset]:
 def evaluate(variant: Variant, count: jax.Array) -> dict[str, jax.Array]:
   """Every hyperparameter at ``count`` (float32); out of bounds -> NaN.
 
-  A traced value that breaks its bound (rho < 0, a NaN from a schedule) is
-  not clamped or read as 0: it becomes NaN, so the update is NaN and
-  `optax.apply_if_finite` sees it.
+  A traced value that breaks its `Bound` (rho < 0, a NaN from a schedule)
+  is not clamped or read as 0: it becomes NaN, and the step is skipped as
+  non-finite (`skip_if_not_finite`), whether or not this step uses it.
   """
   values = {}
   for name, value in variant.hyperparams.items():
     value = jnp.asarray(value(count) if callable(value) else value,
                         jnp.float32)
-    ok = value > 0 if name in variant.positive else value >= 0
-    values[name] = tree_math.nan_unless(ok, value)
+    values[name] = tree_math.nan_unless(bound(variant, name).holds(value),
+                                        value)
   return values
+
+
+def bound(variant: Variant, name: str) -> variant_lib.Bound:
+  """The interval hyperparameter ``name`` of ``variant`` lies in."""
+  return variant.bounds.get(name, variant_lib.NONNEGATIVE)
 
 
 def _static_rho(rho) -> Optional[float]:
@@ -127,8 +176,7 @@ def _check_options(variant, loss_fn, ascent_steps, has_aux,
   owner = variant.name
   validation.check_loss_fn(owner, loss_fn)
   for name, value in variant.hyperparams.items():
-    validation.check_hyperparameter(
-        owner, name, value, allow_zero=name not in variant.positive)
+    bound(variant, name).check(owner, name, value)
   validation.check_bool(owner, 'has_aux', has_aux)
   validation.check_bool(owner, 'track_cosine', track_cosine)
   directions.check_mask(owner, 'perturbation_mask', perturbation_mask)
@@ -296,7 +344,8 @@ class Pipeline:
     out, diagnostics, means = groups.reduce_step(
         self.layout, out, diagnostics, means)
     new_state, agreed = self.agreed_state(state, diagnostics, means, others)
-    return skip_if_not_finite(out, state, new_state, agreed)
+    return skip_if_not_finite(
+        out, state, new_state, agreed & tree_math.all_finite(step.hyperparams))
 
 
 def _all_groups_equal(stacked: PyTree) -> jax.Array:
@@ -328,9 +377,11 @@ def skip_if_not_finite(out: PyTree, state, new_state, ok=True):
   return tree_math.nan_unless(ok, out), kept
 
 
-def build(variant: Variant, loss_fn, *, ascent_steps: int = 1,
-          has_aux: bool = False, perturbation_mask=None,
-          layout: layouts.Layout = None, track_cosine: bool = False):
+def build(variant: Variant, loss_fn: LossFn, *, ascent_steps: int = 1,
+          has_aux: bool = False,
+          perturbation_mask: Optional[directions.LeafMask] = None,
+          layout: layouts.Layout = None, track_cosine: bool = False
+          ) -> optax.GradientTransformationExtraArgs:
   """The `optax.GradientTransformationExtraArgs` that runs ``variant``."""
   ascent_steps = _check_options(variant, loss_fn, ascent_steps, has_aux,
                                 perturbation_mask, layout, track_cosine)

@@ -23,6 +23,50 @@ from sam_optax._src.core import validation
 PyTree = Any
 ScalarOrSchedule = validation.ScalarOrSchedule
 COMMON_FIELDS = ('count', 'perturbed_loss', 'grad_norm', 'cosine')
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+  """The interval a hyperparameter lies in, declared next to it, once.
+
+  The pipeline enforces it twice from this one declaration: a number when
+  the transformation is built (a ValueError naming the interval), a
+  schedule's or a traced value at every step (out of the interval it
+  becomes NaN, so the step is skipped as non-finite -- never clamped).
+  """
+
+  low: float = 0.0
+  high: float = float('inf')
+  low_open: bool = False
+  high_open: bool = False
+
+  def holds(self, x):
+    """Whether ``x`` (a number or an array) lies in the interval."""
+    above = x > self.low if self.low_open else x >= self.low
+    below = x < self.high if self.high_open else x <= self.high
+    return above & below
+
+  def __str__(self) -> str:
+    if self.high == float('inf'):
+      return f'{">" if self.low_open else ">="} {self.low:g}'
+    return (f'in {"(" if self.low_open else "["}{self.low:g},'
+            f' {self.high:g}{")" if self.high_open else "]"}')
+
+  def check(self, owner: str, name: str, value: Any) -> None:
+    """A number out of the interval is an error (others: at every step)."""
+    validation.check_hyperparameter(owner, name, value,
+                                    allow_zero=not self.low_open)
+    if callable(value) or isinstance(value, jax.core.Tracer):
+      return
+    number = float(jnp.asarray(value))
+    if not self.holds(number):
+      raise ValueError(f'{owner}: {name} must be {self}, got {number:g}.')
+
+
+NONNEGATIVE = Bound()
+POSITIVE = Bound(low_open=True)
+UNIT = Bound(high=1.0)  # [0, 1]
+BELOW_ONE = Bound(high=1.0, high_open=True)  # [0, 1)
 AGREEMENTS = ('mean', 'same')
 
 
@@ -224,7 +268,8 @@ class Variant:
       so a choice made from it is the same everywhere (XSAM's probe).
     decides: optional ``state -> bool``: on which steps ``decide`` runs
       (a `jax.lax.cond`); every step when None.
-    positive: the hyperparameters that must be > 0 (others >= 0).
+    bounds: name -> `Bound` for the hyperparameters not simply ``>= 0``
+      (e.g. ``{'beta': UNIT}``); checked once, by the pipeline.
     uses_clean_grad: False for a variant that never reads ``ctx.clean_grad``
       (Momentum-SAM): the pipeline then reads it neither (``grad_norm`` is
       0, "not measured", unless ``track_cosine=True``) nor selects it for
@@ -243,7 +288,7 @@ class Variant:
   agree: Mapping[str, str] = dataclasses.field(default_factory=dict)
   decide: Optional[Callable[[Context], PyTree]] = None
   decides: Optional[Callable[[NamedTuple], jax.Array]] = None
-  positive: tuple[str, ...] = ()
+  bounds: Mapping[str, Bound] = dataclasses.field(default_factory=dict)
   uses_clean_grad: bool = True
 
   def __post_init__(self):

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional, Unpack
 
 import jax
 import jax.numpy as jnp
 
 from sam_optax._src.core import tree_math
 from sam_optax._src.core import validation
+from sam_optax._src.core.validation import ScalarOrSchedule
 from sam_optax._src.pipeline import transformation
 from sam_optax._src.pipeline import variant as variant_lib
-from sam_optax._src.variants import bounds
 from sam_optax._src.variants import cheap
 
 
@@ -65,7 +65,6 @@ def _combine(total_steps, c_start, c_end):
     sam_step = n - mean >= c * std
     loss, grad = cheap.sam_or(ctx, sam_step, ctx.perturbed,
                               cheap.clean_gradient(ctx))
-    grad = bounds.nan_unless(delta <= 1.0, grad)
     return variant_lib.Step(grad, loss, ctx.state._replace(
         sam_step=sam_step, mean=mean, variance=variance))
 
@@ -78,13 +77,13 @@ def _squared_norm(ctx: variant_lib.Context) -> jax.Array:
 
 @transformation.transformation
 def ae_sam(
-    loss_fn: Callable[..., Any],
-    rho: variant_lib.ScalarOrSchedule = 0.05,
-    delta: variant_lib.ScalarOrSchedule = 0.9,
+    rho: ScalarOrSchedule = 0.05,
+    delta: ScalarOrSchedule = 0.9,
     *,
     total_steps: Optional[int] = None,
     c_start: float = -1.0,
     c_end: float = 1.0,
+    **common: Unpack[transformation.CommonOptions],
 ) -> variant_lib.Variant:
   r"""AE-SAM: a SAM step where the gradient norm is large for its history.
 
@@ -140,7 +139,6 @@ def ae_sam(
     Jiang et al., `An Adaptive Policy to Employ Sharpness-Aware
     Minimization <https://arxiv.org/abs/2304.14647>`_, ICLR 2023.
   """
-  del loss_fn  # the pipeline takes it
   if total_steps is not None:
     total_steps = validation.check_static_int('ae_sam', 'total_steps',
                                               total_steps, minimum=1)
@@ -148,10 +146,10 @@ def ae_sam(
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (
         value != value):
       raise TypeError(f'ae_sam: {name} must be a number, got {value!r}.')
-  bounds.check_below('ae_sam', 'delta', delta, 1.0, inclusive=True)
   zero = jnp.zeros([], jnp.float32)
   return variant_lib.Variant(
       name='ae_sam', hyperparams={'rho': rho, 'delta': delta},
+      bounds={'delta': variant_lib.UNIT},
       state=AESAMState, decide=_squared_norm,
       combine=_combine(total_steps, float(c_start), float(c_end)),
       agree={'sam_step': 'same', 'mean': 'same', 'variance': 'same'},

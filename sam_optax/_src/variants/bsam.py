@@ -10,16 +10,17 @@ import optax
 
 from sam_optax._src.core import batching
 from sam_optax._src.core import collectives
+from sam_optax._src.core import inject
 from sam_optax._src.core import mesh as mesh_lib
 from sam_optax._src.core import tree_math
 from sam_optax._src.core import validation
 from sam_optax._src.pipeline import layouts
 from sam_optax._src.pipeline import transformation
-from sam_optax._src.variants import bounds
+from sam_optax._src.pipeline import variant as variant_lib
 from sam_optax._src.variants import complete
 
 PyTree = Any
-ScalarOrSchedule = Any  # a number or an optax schedule (count -> value)
+ScalarOrSchedule = validation.ScalarOrSchedule
 _OWNER = 'bsam'
 
 
@@ -74,7 +75,7 @@ def _check(num_data, learning_rate, rho, betas, prior_prec, damping, s_init):
                     f' {betas!r}.')
   for name, beta in zip(('beta1', 'beta2'), betas):
     validation.check_number(_OWNER, name, beta)
-    bounds.check_below(_OWNER, name, beta, 1.0, inclusive=False)
+    variant_lib.BELOW_ONE.check(_OWNER, name, beta)
   validation.check_number(_OWNER, 'prior_prec', prior_prec)
   validation.check_number(_OWNER, 'damping', damping)
   validation.check_number(_OWNER, 's_init', s_init, allow_zero=False)
@@ -200,6 +201,7 @@ def _over_groups(scalar_loss, layout, loss_kwargs, params, precision,
   return collectives.mean(result, layout.axes)  # one all-reduce
 
 
+@inject.record_annealable
 def bsam(
     loss_fn: Callable[..., Any],
     learning_rate: ScalarOrSchedule,

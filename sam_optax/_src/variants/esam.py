@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence, Unpack
 
 import jax
 import jax.numpy as jnp
 
 from sam_optax._src.core import tree_math
 from sam_optax._src.core import validation
+from sam_optax._src.core.validation import ScalarOrSchedule
 from sam_optax._src.pipeline import transformation
 from sam_optax._src.pipeline import variant as variant_lib
-from sam_optax._src.variants import bounds
 
 
 class ESAMState(NamedTuple):
@@ -84,8 +84,7 @@ def _make_combine(gamma: float, batch_argnames):
       nans, loss, sharpness, selected = ctx.group_mean((
           jnp.mean(jnp.isnan(instance).astype(jnp.float32)), jnp.mean(after),
           jnp.mean(instance), jnp.mean(top)))
-      grad = bounds.nan_unless(nans == 0, grad)
-    grad = bounds.nan_unless(beta <= 1.0, grad)
+      grad = tree_math.nan_unless(nans == 0, grad)
     return variant_lib.Step(grad, loss, ctx.state._replace(
         sam_step=jnp.asarray(True), key=key, sharpness=sharpness,
         selected_sharpness=selected))
@@ -107,13 +106,13 @@ def _check_gamma(gamma) -> float:
 
 @transformation.transformation
 def esam(
-    loss_fn: Callable[..., Any],
-    rho: variant_lib.ScalarOrSchedule = 0.05,
-    beta: variant_lib.ScalarOrSchedule = 0.5,
+    rho: ScalarOrSchedule = 0.05,
+    beta: ScalarOrSchedule = 0.5,
     gamma: float = 0.5,
     *,
     seed: int = 0,
     batch_argnames: Optional[Sequence[str]] = None,
+    **common: Unpack[transformation.CommonOptions],
 ) -> variant_lib.Variant:
   r"""ESAM: stochastic weight perturbation, sharpness-sensitive data selection.
 
@@ -182,9 +181,7 @@ def esam(
     of Neural Networks <https://arxiv.org/abs/2110.03141>`_, ICLR 2022
     (authors' code: dydjw9/Efficient_SAM).
   """
-  del loss_fn  # the pipeline takes it
   seed = validation.check_static_int('esam', 'seed', seed, minimum=0)
-  bounds.check_below('esam', 'beta', beta, 1.0, inclusive=True)
   gamma = _check_gamma(gamma)
   if batch_argnames is not None:
     if isinstance(batch_argnames, str) or not all(
@@ -196,7 +193,7 @@ def esam(
   zero = jnp.zeros([], jnp.float32)
   return variant_lib.Variant(
       name='esam', hyperparams={'rho': rho, 'beta': beta}, state=ESAMState,
-      combine=_make_combine(gamma, batch_argnames), positive=('beta',),
+      combine=_make_combine(gamma, batch_argnames), bounds={'beta': variant_lib.Bound(high=1.0, low_open=True)},
       agree={'sam_step': 'same', 'key': 'same', 'sharpness': 'mean',
              'selected_sharpness': 'mean'},
       init=lambda params: ESAMState(

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple, Unpack
 
 import jax
 import jax.numpy as jnp
 
 from sam_optax._src.core import tree_math
+from sam_optax._src.core.validation import ScalarOrSchedule
 from sam_optax._src.pipeline import transformation
 from sam_optax._src.pipeline import variant as variant_lib
-from sam_optax._src.variants import bounds
 
 PyTree = Any
 
@@ -42,19 +42,16 @@ def _combine(ctx: variant_lib.Context) -> variant_lib.Step:
   momentum = jax.tree.map(
       lambda g, m: jnp.where(first, g, lmbda * m + (1.0 - lmbda) * g),
       clean, previous)
-  # A bad traced sigma or lmbda must show on the first step too, where the
-  # select above leaves them out.
-  direction = bounds.nan_unless((lmbda <= 1.0) & (sigma == sigma), direction)
   loss, grad = ctx.perturbed(direction)
   return variant_lib.Step(grad, loss, ctx.state._replace(momentum=momentum))
 
 
 @transformation.transformation
 def friendly_sam(
-    loss_fn: Callable[..., Any],
-    rho: variant_lib.ScalarOrSchedule = 0.05,
-    sigma: variant_lib.ScalarOrSchedule = 1.0,
-    lmbda: variant_lib.ScalarOrSchedule = 0.9,
+    rho: ScalarOrSchedule = 0.05,
+    sigma: ScalarOrSchedule = 1.0,
+    lmbda: ScalarOrSchedule = 0.9,
+    **common: Unpack[transformation.CommonOptions],
 ) -> variant_lib.Variant:
   r"""Friendly SAM: ascend along the gradient minus its running mean.
 
@@ -109,11 +106,10 @@ def friendly_sam(
     <https://arxiv.org/abs/2403.12350>`_, CVPR 2024 (authors' code:
     nblt/F-SAM).
   """
-  del loss_fn  # the pipeline takes it
-  bounds.check_below('friendly_sam', 'lmbda', lmbda, 1.0, inclusive=True)
   return variant_lib.Variant(
       name='friendly_sam',
       hyperparams={'rho': rho, 'sigma': sigma, 'lmbda': lmbda},
+      bounds={'lmbda': variant_lib.UNIT},
       state=FriendlySAMState, combine=_combine, agree={'momentum': 'mean'},
       init=lambda params: FriendlySAMState(
           **variant_lib.initial_diagnostics(),

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import NamedTuple, Unpack
 
 import jax
 import jax.numpy as jnp
 
+from sam_optax._src.core.validation import ScalarOrSchedule
 from sam_optax._src.pipeline import transformation
 from sam_optax._src.pipeline import variant as variant_lib
-from sam_optax._src.variants import bounds
 
 
 class MSAMState(NamedTuple):
@@ -39,18 +39,17 @@ def _combine(ctx: variant_lib.Context) -> variant_lib.Step:
   # ascend(-v): rho (-v) / |v|, zero-safe, masked like every variant's.
   eps = ctx.ascend(jax.tree.map(jnp.negative, v))
   loss, grad = ctx.grad_at(ctx.shift(eps))
-  momentum = bounds.nan_unless(beta <= 1.0, jax.tree.map(
-      lambda m, g: beta * m + (1.0 - beta) * g.astype(jnp.float32), v, grad))
-  grad = bounds.nan_unless(beta <= 1.0, grad)
+  momentum = jax.tree.map(
+      lambda m, g: beta * m + (1.0 - beta) * g.astype(jnp.float32), v, grad)
   return variant_lib.Step(grad, loss, ctx.state._replace(
       sam_step=ctx.count > 0, momentum=momentum))
 
 
 @transformation.transformation
 def msam(
-    loss_fn: Callable[..., Any],
-    rho: variant_lib.ScalarOrSchedule = 1.0,
-    beta: variant_lib.ScalarOrSchedule = 0.9,
+    rho: ScalarOrSchedule = 1.0,
+    beta: ScalarOrSchedule = 0.9,
+    **common: Unpack[transformation.CommonOptions],
 ) -> variant_lib.Variant:
   r"""Momentum-SAM: perturb along the negative momentum; one gradient a step.
 
@@ -100,10 +99,9 @@ def msam(
     Computational Overhead <https://arxiv.org/abs/2401.12033>`_, 2024
     (authors' code: MarlonBecker/MSAM).
   """
-  del loss_fn  # the pipeline takes it
-  bounds.check_below('msam', 'beta', beta, 1.0, inclusive=True)
   return variant_lib.Variant(
       name='msam', hyperparams={'rho': rho, 'beta': beta}, state=MSAMState,
+      bounds={'beta': variant_lib.UNIT},
       combine=_combine, uses_clean_grad=False,
       agree={'sam_step': 'same', 'momentum': 'mean'},
       init=lambda params: MSAMState(

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional, Unpack
 
 import jax
 import jax.numpy as jnp
 
 from sam_optax._src.core import validation
+from sam_optax._src.core.validation import ScalarOrSchedule
 from sam_optax._src.pipeline import transformation
 from sam_optax._src.pipeline import variant as variant_lib
-from sam_optax._src.variants import bounds
 from sam_optax._src.variants import cheap
 
 
@@ -45,8 +45,6 @@ def _combine(when: cheap.When, interval: Optional[int], scale_rho: bool):
       hp = dict(ctx.hyperparams, rho=ctx.hyperparams['rho'] * interval)
       ctx = dataclasses.replace(ctx, hyperparams=hp)
     sam_step, fields, loss, grad = when.sam_or_clean(ctx)
-    # A traced p outside [0, 1] (a schedule) shows as NaN.
-    grad = bounds.nan_unless(ctx.hyperparams['p'] <= 1.0, grad)
     return variant_lib.Step(grad, loss, ctx.state._replace(
         sam_step=sam_step, **fields))
 
@@ -55,13 +53,13 @@ def _combine(when: cheap.When, interval: Optional[int], scale_rho: bool):
 
 @transformation.transformation
 def random_sam(
-    loss_fn: Callable[..., Any],
-    rho: variant_lib.ScalarOrSchedule = 0.05,
-    p: variant_lib.ScalarOrSchedule = 0.5,
+    rho: ScalarOrSchedule = 0.05,
+    p: ScalarOrSchedule = 0.5,
     *,
     interval: Optional[int] = None,
     scale_rho: bool = False,
     seed: int = 0,
+    **common: Unpack[transformation.CommonOptions],
 ) -> variant_lib.Variant:
   r"""SAM on a random fraction p of the steps (or every ``interval``-th).
 
@@ -117,16 +115,15 @@ def random_sam(
     for Efficiently Training Deep Neural Networks
     <https://arxiv.org/abs/2203.09962>`_, 2022; MosaicML Composer, ``SAM``.
   """
-  del loss_fn  # the pipeline takes it
   if interval is not None:
     interval = validation.check_static_int('random_sam', 'interval',
                                            interval, minimum=1)
   validation.check_bool('random_sam', 'scale_rho', scale_rho)
   seed = validation.check_static_int('random_sam', 'seed', seed, minimum=0)
-  bounds.check_below('random_sam', 'p', p, 1.0, inclusive=True)
   when = cheap.coin('p') if interval is None else cheap.every(interval)
   return variant_lib.Variant(
       name='random_sam', hyperparams={'rho': rho, 'p': p},
+      bounds={'p': variant_lib.UNIT},
       state=RandomSAMState, combine=_combine(when, interval, scale_rho),
       agree={'sam_step': 'same', 'key': 'same'},
       init=lambda params: RandomSAMState(

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple, Unpack
 
 import jax
 import jax.numpy as jnp
 
 from sam_optax._src.core import tree_math
+from sam_optax._src.core.validation import ScalarOrSchedule
 from sam_optax._src.pipeline import transformation
 from sam_optax._src.pipeline import variant as variant_lib
-from sam_optax._src.variants import bounds
 
 PyTree = Any
 
@@ -38,17 +38,15 @@ def _combine(ctx: variant_lib.Context) -> variant_lib.Step:
   direction = jax.tree.map(
       lambda g, d: jnp.where(ctx.count == 0, g, (1.0 - theta) * d + theta * g),
       clean, ctx.state.direction)
-  # A bad traced theta (NaN, > 1) must show on the first step too.
-  ascent = bounds.nan_unless(theta <= 1.0, direction)
-  loss, grad = ctx.perturbed(ascent)
+  loss, grad = ctx.perturbed(direction)
   return variant_lib.Step(grad, loss, ctx.state._replace(direction=direction))
 
 
 @transformation.transformation
 def vasso(
-    loss_fn: Callable[..., Any],
-    rho: variant_lib.ScalarOrSchedule = 0.05,
-    theta: variant_lib.ScalarOrSchedule = 0.9,
+    rho: ScalarOrSchedule = 0.05,
+    theta: ScalarOrSchedule = 0.9,
+    **common: Unpack[transformation.CommonOptions],
 ) -> variant_lib.Variant:
   r"""VaSSO: ascend along a moving average of the gradients, not the last one.
 
@@ -99,10 +97,9 @@ def vasso(
     Suppression <https://arxiv.org/abs/2309.15639>`_, NeurIPS 2023 (authors'
     code: BingcongLi/VaSSO).
   """
-  del loss_fn  # the pipeline takes it
-  bounds.check_below('vasso', 'theta', theta, 1.0, inclusive=True)
   return variant_lib.Variant(
       name='vasso', hyperparams={'rho': rho, 'theta': theta},
+      bounds={'theta': variant_lib.UNIT},
       state=VaSSOState, combine=_combine, agree={'direction': 'mean'},
       init=lambda params: VaSSOState(
           **variant_lib.initial_diagnostics(),

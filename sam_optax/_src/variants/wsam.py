@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, TypeVar, Unpack
 import warnings
 
 import jax
@@ -13,7 +13,6 @@ from sam_optax._src.core import tree_math
 from sam_optax._src.core import validation
 from sam_optax._src.pipeline import transformation
 from sam_optax._src.pipeline import variant as variant_lib
-from sam_optax._src.variants import bounds
 from sam_optax._src.variants import sam as sam_lib
 
 ScalarOrSchedule = validation.ScalarOrSchedule
@@ -26,11 +25,12 @@ def sharpness_weight(hyperparams) -> jax.Array:
   """alpha = gamma / (1 - gamma); NaN for a traced gamma >= 1."""
   gamma = hyperparams['gamma']
   below = gamma < 1.0
-  return jnp.where(below, gamma / jnp.where(below, 1.0 - gamma, 1.0), jnp.nan)
+  return tree_math.nan_unless(below,
+                              gamma / jnp.where(below, 1.0 - gamma, 1.0))
 
 
 def check_gamma(owner: str, gamma: ScalarOrSchedule) -> None:
-  bounds.check_below(owner, 'gamma', gamma, 1.0, inclusive=False)
+  variant_lib.BELOW_ONE.check(owner, 'gamma', gamma)
 
 
 def _weighted_gradient(ctx: variant_lib.Context) -> variant_lib.Step:
@@ -86,9 +86,9 @@ def _accepts_the_decoupled_spelling(public: _Factory) -> _Factory:
 @_accepts_the_decoupled_spelling
 @transformation.transformation
 def wsam(
-    loss_fn: Callable[..., Any],
     rho: ScalarOrSchedule = 0.05,
     gamma: ScalarOrSchedule = 0.9,
+    **common: Unpack[transformation.CommonOptions],
 ) -> variant_lib.Variant:
   r"""Weighted SAM: the clean loss plus a weighted sharpness term.
 
@@ -138,10 +138,10 @@ def wsam(
     Yue et al., `Sharpness-Aware Minimization Revisited: Weighted Sharpness
     as a Regularization Term <https://arxiv.org/abs/2305.15817>`_, KDD 2023.
   """
-  del loss_fn  # the pipeline takes it
   check_gamma('wsam', gamma)
   return variant_lib.Variant(
       name='wsam', hyperparams={'rho': rho, 'gamma': gamma},
+      bounds={'gamma': variant_lib.BELOW_ONE},
       state=sam_lib.SAMState, combine=_weighted_gradient,
       init=lambda params: sam_lib.SAMState(
           **variant_lib.initial_diagnostics()))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Unpack
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +10,7 @@ import numpy as np
 
 from sam_optax._src.core import tree_math
 from sam_optax._src.core import validation
+from sam_optax._src.core.validation import ScalarOrSchedule
 from sam_optax._src.pipeline import transformation
 from sam_optax._src.pipeline import variant as variant_lib
 
@@ -199,16 +200,16 @@ def _combine(grid, probe_every, max_angle):
 
 @transformation.transformation
 def xsam(
-    loss_fn: Callable[..., Any],
-    rho: variant_lib.ScalarOrSchedule = 0.15,
+    rho: ScalarOrSchedule = 0.15,
     *,
-    rho_max: variant_lib.ScalarOrSchedule = 0.15,
+    rho_max: ScalarOrSchedule = 0.15,
     probe_every: Optional[int] = 100,
-    alpha: variant_lib.ScalarOrSchedule = 1.0,
+    alpha: ScalarOrSchedule = 1.0,
     alpha_max: float = 2.0,
     alpha_step: float = 0.1,
     probe_batch_size: Optional[int] = None,
     max_angle: Optional[float] = None,
+    **common: Unpack[transformation.CommonOptions],
 ) -> variant_lib.Variant:
   r"""Explicit SAM: the update points at the loss maximum found in a plane.
 
@@ -279,7 +280,6 @@ def xsam(
     and Effective Implementation <https://arxiv.org/abs/2603.10048>`_,
     ICLR 2026.
   """
-  del loss_fn  # the pipeline takes it
   owner = 'xsam'
   grid = _checked_grid(owner, alpha_max, alpha_step)
   if probe_every is not None:
@@ -310,7 +310,7 @@ def xsam(
   return variant_lib.Variant(
       name=owner,
       hyperparams={'rho': rho, 'rho_max': rho_max, 'alpha': alpha},
-      positive=('rho_max',),
+      bounds={'rho_max': variant_lib.POSITIVE},
       state=XSAMState,
       init=init,
       combine=_combine(grid, probe_every, max_angle),
