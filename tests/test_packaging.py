@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import pathlib
 import re
 import shutil
@@ -87,6 +88,12 @@ def shipped_source_files() -> set[str]:
 
 
 def test_the_sdist_carries_the_suite_and_the_license(tmp_path):
+  floor = declared_floors()['setuptools']
+  installed = Version(importlib.metadata.version('setuptools'))
+  assert installed >= floor, (
+      f'setuptools {installed} cannot write the license metadata (PEP 639);'
+      f" `pip install -e '.[test]'` brings setuptools>={floor}"
+  )
   # Built from a copy so the checkout's egg-info is left alone.
   source = tmp_path / 'source'
   shutil.copytree(
