@@ -60,6 +60,7 @@ def test_notebook_is_stored_without_outputs(name):
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', notebooks())
 def test_notebook_runs(name, tmp_path, monkeypatch):
   ensure_kernel()
