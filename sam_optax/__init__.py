@@ -13,6 +13,7 @@ from sam_optax._src.core.mesh import MeshChunks
 from sam_optax._src.core.mesh import mesh_chunks
 from sam_optax._src.core.mesh import shard_batch
 from sam_optax._src.core.schedules import rho_proportional_to_lr
+from sam_optax._src.core.validation import ScalarOrSchedule
 from sam_optax._src.pipeline.layouts import Chunks
 from sam_optax._src.pipeline.layouts import PerDevice
 from sam_optax._src.pipeline.transformation import IgnoredKeywordWarning
@@ -60,6 +61,7 @@ __all__ = (
     'PerDevice',
     'RandomSAMState',
     'SAMState',
+    'ScalarOrSchedule',
     'VaSSOState',
     'WSAMState',
     'XSAMState',

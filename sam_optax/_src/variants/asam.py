@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Optional, Unpack
 
 from sam_optax._src.core import directions
+from sam_optax._src.core.validation import ScalarOrSchedule
 from sam_optax._src.pipeline import transformation
 from sam_optax._src.pipeline import variant as variant_lib
 from sam_optax._src.variants import sam as sam_lib
@@ -12,11 +13,11 @@ from sam_optax._src.variants import sam as sam_lib
 
 @transformation.transformation
 def asam(
-    loss_fn: Callable[..., Any],
-    rho: variant_lib.ScalarOrSchedule = 0.5,
-    eta: variant_lib.ScalarOrSchedule = 0.01,
+    rho: ScalarOrSchedule = 0.5,
+    eta: ScalarOrSchedule = 0.01,
     *,
     adaptive_mask: Optional[directions.LeafMask] = None,
+    **common: Unpack[transformation.CommonOptions],
 ) -> variant_lib.Variant:
   r"""Adaptive SAM: a neighbourhood whose radius scales with each weight.
 
@@ -70,7 +71,6 @@ def asam(
     <https://arxiv.org/abs/2102.11600>`_, ICML 2021 (authors' code:
     SamsungLabs/ASAM).
   """
-  del loss_fn  # the pipeline takes it
   directions.check_mask('asam', 'adaptive_mask', adaptive_mask)
 
   def direction(grad, params, hyperparams):

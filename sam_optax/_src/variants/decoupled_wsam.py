@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from sam_optax._src.core import directions
+from sam_optax._src.core import inject
 from sam_optax._src.core import tree_math
 from sam_optax._src.core import validation
 from sam_optax._src.pipeline import layouts
@@ -110,6 +111,7 @@ def _check_base(base_optimizer) -> None:
         ' use sam_optax.wsam(loss_fn, ...).')
 
 
+@inject.record_annealable
 def decoupled_wsam(
     loss_fn: Callable[..., Any],
     base_optimizer: optax.GradientTransformation,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Unpack
 
 import jax
 
 from sam_optax._src.core import tree_math
 from sam_optax._src.core import validation
+from sam_optax._src.core.validation import ScalarOrSchedule
 from sam_optax._src.pipeline import transformation
 from sam_optax._src.pipeline import variant as variant_lib
 from sam_optax._src.variants import sam as sam_lib
@@ -48,11 +49,11 @@ def _combine(minimize_fp: bool):
 
 @transformation.transformation
 def gsam(
-    loss_fn: Callable[..., Any],
-    rho: variant_lib.ScalarOrSchedule = 0.05,
-    alpha: variant_lib.ScalarOrSchedule = 0.4,
+    rho: ScalarOrSchedule = 0.05,
+    alpha: ScalarOrSchedule = 0.4,
     *,
     minimize_fp: bool = True,
+    **common: Unpack[transformation.CommonOptions],
 ) -> variant_lib.Variant:
   r"""GSAM: SAM's gradient, minus the clean gradient's part across it.
 
@@ -110,7 +111,6 @@ def gsam(
     Training <https://arxiv.org/abs/2203.08065>`_, ICLR 2022 (authors'
     code: google-research/big_vision, ``trainers/proj/gsam``).
   """
-  del loss_fn  # the pipeline takes it
   validation.check_bool('gsam', 'minimize_fp', minimize_fp)
   return variant_lib.Variant(
       name='gsam', hyperparams={'rho': rho, 'alpha': alpha},

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional, Unpack
 
 import jax
 import jax.numpy as jnp
 
 from sam_optax._src.core import tree_math
 from sam_optax._src.core import validation
+from sam_optax._src.core.validation import ScalarOrSchedule
 from sam_optax._src.pipeline import transformation
 from sam_optax._src.pipeline import variant as variant_lib
 from sam_optax._src.variants import cheap
@@ -96,14 +97,14 @@ def _combine(when: cheap.When, per_tensor: bool):
 
 @transformation.transformation
 def looksam(
-    loss_fn: Callable[..., Any],
-    rho: variant_lib.ScalarOrSchedule = 0.05,
+    rho: ScalarOrSchedule = 0.05,
     k: int = 8,
-    alpha: variant_lib.ScalarOrSchedule = 0.7,
+    alpha: ScalarOrSchedule = 0.7,
     *,
     total_steps: Optional[int] = None,
     start: Optional[int] = None,
     per_tensor: bool = False,
+    **common: Unpack[transformation.CommonOptions],
 ) -> variant_lib.Variant:
   r"""LookSAM: a SAM step every k steps; between them, its direction reused.
 
@@ -205,7 +206,6 @@ def looksam(
     Liu et al., `Towards Efficient and Scalable Sharpness-Aware Minimization
     <https://arxiv.org/abs/2203.02714>`_, CVPR 2022.
   """
-  del loss_fn  # the pipeline takes it
   k = validation.check_static_int('looksam', 'k', k, minimum=1)
   if total_steps is not None:
     total_steps = validation.check_static_int('looksam', 'total_steps',

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import NamedTuple, Unpack
 
 import jax
 
+from sam_optax._src.core.validation import ScalarOrSchedule
 from sam_optax._src.pipeline import transformation
 from sam_optax._src.pipeline import variant as variant_lib
 
@@ -37,8 +38,8 @@ class SAMState(NamedTuple):
 
 @transformation.transformation
 def sam(
-    loss_fn: Callable[..., Any],
-    rho: variant_lib.ScalarOrSchedule = 0.05,
+    rho: ScalarOrSchedule = 0.05,
+    **common: Unpack[transformation.CommonOptions],
 ) -> variant_lib.Variant:
   r"""Sharpness-aware minimization: the gradient at the worst nearby point.
 
@@ -100,7 +101,6 @@ def sam(
     Generalization <https://arxiv.org/abs/2010.01412>`_, ICLR 2021
     (authors' code: google-research/sam).
   """
-  del loss_fn  # the pipeline takes it
   return variant_lib.Variant(
       name='sam', hyperparams={'rho': rho}, state=SAMState,
       init=lambda params: SAMState(**variant_lib.initial_diagnostics()))
