@@ -6,7 +6,7 @@ Importing this module imports flax; ``import sam_optax`` alone does not.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Sequence
 
 from flax import nnx
 import jax
@@ -29,17 +29,20 @@ class Snapshot:
       statistics, RNG keys and counts) as a plain array.
   """
 
-  def __init__(self, graphdef: Any, state: Any, shapes=None):
+  def __init__(self, graphdef: Any, state: Any,
+               shapes: Optional[tuple[tuple[int, ...], ...]] = None):
     self.graphdef = graphdef
     self.state = state
-    self.shapes = shapes if shapes is not None else tuple(
-        np.shape(x) for x in jax.tree.leaves(state))
+    self.shapes: tuple[tuple[int, ...], ...] = (
+        shapes if shapes is not None
+        else tuple(np.shape(x) for x in jax.tree.leaves(state)))
 
-  def tree_flatten(self):
+  def tree_flatten(self) -> tuple[tuple[Any], tuple[Any, Any]]:
     return (self.state,), (self.graphdef, self.shapes)
 
   @classmethod
-  def tree_unflatten(cls, aux, children):
+  def tree_unflatten(cls, aux: tuple[Any, Any],
+                     children: Sequence[Any]) -> Snapshot:
     graphdef, shapes = aux
     return cls(graphdef, children[0], shapes)
 

@@ -18,7 +18,7 @@ perturbation.
 from __future__ import annotations
 
 import dataclasses
-from typing import Hashable, Optional, Sequence, Union
+from typing import Any, Hashable, Optional, Sequence, Union
 
 import jax
 
@@ -78,7 +78,7 @@ class Chunks:
   batch_argnames: Optional[tuple[str, ...]] = None
   shared_argnames: tuple[str, ...] = ()
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     owner = 'Chunks'
     object.__setattr__(self, 'm', validation.check_static_int(
         owner, 'm', self.m, minimum=1))
@@ -176,7 +176,7 @@ class PerDevice:
   groups: Optional[tuple[tuple[int, ...], ...]] = None
   chunks: Optional[Chunks] = None
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     owner = 'PerDevice'
     try:
       hash(self.axis)
@@ -213,7 +213,7 @@ class PerDevice:
             ' SAM with gradient accumulation.')
 
   @property
-  def axes(self) -> tuple:
+  def axes(self) -> tuple[Any, ...]:
     return self.axis if isinstance(self.axis, tuple) else (self.axis,)
 
   def __repr__(self) -> str:

@@ -18,7 +18,7 @@ per-leaf results -- PyHessian's layer-wise spectrum in one call.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, ParamSpec, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,8 @@ from sam_optax._src.sharpness import curvature as curvature_lib
 from sam_optax._src.sharpness import checks
 
 PyTree = Any
+P = ParamSpec('P')
+R = TypeVar('R')
 
 
 class _Block:
@@ -98,12 +100,14 @@ def _selected(owner: str, select: Any, leaves: list, params: PyTree):
   return indices
 
 
-def selectable(helper: Callable[..., Any]) -> Callable[..., Any]:
+def selectable(helper: Callable[P, R]) -> Callable[P, R]:
   """Runs a spectral helper on the blocks that ``select=`` / ``per_leaf=`` ask.
 
   The helper declares both options (so its signature and docs show them)
   and never reads them: this wrapper consumes them and calls it with the
-  defaults, on the whole model or on each block's restricted loss.
+  defaults, on the whole model or on each block's restricted loss. Type
+  checkers see the helper's own signature and result class; with
+  ``per_leaf=True`` the result is a pytree like params of them.
   """
   owner = helper.__name__
 
@@ -133,4 +137,4 @@ def selectable(helper: Callable[..., Any]) -> Callable[..., Any]:
       per_leaf_results[group[0]] = out
     return jax.tree.unflatten(treedef, per_leaf_results)
 
-  return wrapper
+  return cast(Callable[P, R], wrapper)

@@ -45,7 +45,7 @@ def _as_mapping(value, kind) -> dict[str, Any]:
 def plot_loss_landscape(
     landscapes: Union[landscape.Landscape1D, landscape.Landscape2D,
                       Mapping[str, Any]],
-    path: Union[str, os.PathLike],
+    path: Union[str, os.PathLike[str]],
     *,
     title: Optional[str] = None,
     levels: int = 30,
@@ -130,7 +130,7 @@ def plot_loss_landscape(
 
 def plot_spectral_density(
     densities: Union[density_lib.SpectralDensity, Mapping[str, Any]],
-    path: Union[str, os.PathLike],
+    path: Union[str, os.PathLike[str]],
     *,
     title: Optional[str] = None,
     log_scale: bool = True,
@@ -184,7 +184,7 @@ def plot_spectral_density(
 
 def plot_trajectory(
     trajectories: Union[trajectory.TrajectoryPCA, Mapping[str, Any]],
-    path: Union[str, os.PathLike],
+    path: Union[str, os.PathLike[str]],
     *,
     title: Optional[str] = None,
     levels: int = 30,
