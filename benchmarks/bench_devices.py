@@ -231,7 +231,7 @@ but runs them as one batched program. On XLA:CPU a convolution inside a
 sequential rows cost so much more than the MLP's; prefer `'vectorized'` on
 CPU when the memory allows. Gradient accumulation
 (`layout=Chunks(m, shared=True)` with `chunked_value_and_grad`, equal to
-full-batch SAM in tests/test_devices.py) runs the step in the memory of one
+full-batch SAM in tests/pipeline/test_devices.py) runs the step in the memory of one
 chunk.'''
 
 

@@ -4,8 +4,8 @@ import pathlib
 import re
 import subprocess
 
-README = pathlib.Path(__file__).resolve().parents[1] / 'README.md'
-CI = pathlib.Path(__file__).resolve().parents[1] / '.ci' / 'run'
+README = pathlib.Path(__file__).resolve().parents[2] / 'README.md'
+CI = pathlib.Path(__file__).resolve().parents[2] / '.ci' / 'run'
 
 
 def python_blocks():

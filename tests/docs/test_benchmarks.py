@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / 'benchmarks'
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[2] / 'benchmarks'
 SCRIPTS = sorted(
     p.stem for p in BENCHMARKS.glob('*.py')
     if not p.stem.startswith('_') and p.stem != 'run_all'

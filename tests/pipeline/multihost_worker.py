@@ -1,6 +1,6 @@
-"""One JAX process of tests/test_multihost.py (run as a script, not by pytest).
+"""One JAX process of test_multihost.py (run as a script, not by pytest).
 
-Usage: python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT.npz
+Usage: python tests/pipeline/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT.npz
 
 Every process holds one CPU device. The processes join JAX's distributed
 runtime on localhost, build a mesh over all their devices, and train a tiny
@@ -94,6 +94,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
-      __file__))))
+  here = os.path.dirname(os.path.abspath(__file__))
+  sys.path.insert(0, os.path.dirname(os.path.dirname(here)))  # the checkout
   main(sys.argv[1:])

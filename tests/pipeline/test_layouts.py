@@ -5,7 +5,7 @@ reference for a layout is the variant run alone (``layout=None``) on each
 perturbation group's examples -- m examples per chunk or device, the whole
 global batch for ``sync=True`` and ``shared=True`` -- averaged over the
 groups. (The single-group math of each variant is checked against
-independent references in test_core.py and test_xsam.py.)
+independent references in test_sam_asam.py and test_xsam.py.)
 """
 
 import jax

@@ -5,7 +5,7 @@ axis, every helper with ``layout=PerDevice('d')`` must give the result of
 the same helper on one device with the gathered batch; ``Chunks(m,
 shared=True)`` must give the whole-batch result. The single-device call is
 the reference: its own exactness is tested against dense matrices
-elsewhere (tests/test_hessian.py, tests/test_sharpness.py).
+elsewhere (tests/sharpness/test_hessian.py, tests/sharpness/test_sharpness.py).
 """
 
 import functools

@@ -327,8 +327,8 @@ ROWS = {
         takes_loss=False),
 }
 # Not measurements: they draw the results above into PNG files
-# (tests/test_landscape.py::test_plots_write_png,
-# tests/test_trajectory.py::test_plot_trajectory_writes_png).
+# (tests/sharpness/test_landscape.py::test_plots_write_png,
+# tests/sharpness/test_trajectory.py::test_plot_trajectory_writes_png).
 NOT_IN_THE_BATTERY = {'plot_loss_landscape', 'plot_spectral_density',
                       'plot_trajectory'}
 

@@ -24,7 +24,7 @@ import pytest
 import sam_optax
 import sam_optax.sharpness
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 DOCS = ROOT / 'docs'
 
 

@@ -1,6 +1,6 @@
 """Two JAX processes on this machine train in lockstep with per-process SAM.
 
-`tests/multihost_worker.py` is started twice; the processes join JAX's own
+`tests/pipeline/multihost_worker.py` is started twice; the processes join JAX's own
 distributed runtime (`jax.distributed.initialize` on localhost, gloo CPU
 collectives), each perturbs with the gradient of its half of the batch
 (``sam(..., layout=PerDevice('d'))`` in `jax.shard_map` over the global mesh), and
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))  # the checkout
 WORKER = os.path.join(HERE, 'multihost_worker.py')
 PROCESSES = 2
 
@@ -57,7 +58,7 @@ def test_two_processes_match_single_process_reference(tmp_path):
   port = free_port()
   env = dict(os.environ)
   env['PYTHONPATH'] = os.pathsep.join(
-      [os.path.dirname(HERE)] + env.get('PYTHONPATH', '').split(os.pathsep))
+      [ROOT] + env.get('PYTHONPATH', '').split(os.pathsep))
   outs = [str(tmp_path / f'params{i}.npz') for i in range(PROCESSES)]
   procs = [
       subprocess.Popen(

@@ -19,7 +19,7 @@ import sys
 import numpy as np
 import pytest
 
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / 'examples'
+EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / 'examples'
 
 # Tiny flags per example; files not listed get ['--quick'].
 TINY_FLAGS = {
