@@ -189,7 +189,7 @@ def run(case, dtype, layout_name):
 
 
 GROUPS = {'whole': 1, 'chunks': BATCH // 4, 'per_device': 8}
-# float32 runs under the layouts (the layout battery, test_layouts.py, checks
+# float32 runs under the layouts (the layout battery, pipeline/test_layouts.py, checks
 # one step of every variant under every layout; these check several).
 RUNS = ([(c, 'float64', 'whole') for c in CASES]
         + [(c, 'float32', 'chunks') for c in CASES]
@@ -235,18 +235,6 @@ def _steps(tx, params, steps=3):
     updates, state = update(grads, state, params, x=x, y=y)
     params = optax.apply_updates(params, updates)
   return params, state
-
-
-@pytest.mark.parametrize('rho', [0.0, optax.constant_schedule(0.0)],
-                         ids=['number', 'schedule'])
-def test_decoupled_wsam_with_rho_zero_is_exactly_the_base(rho):
-  base = optax.sgd(LR, MOMENTUM)
-  params = _one_batch()[0]
-  got, _ = _steps(sam_optax.decoupled_wsam(loss_fn, base, rho=rho,
-                                           learning_rate=LR), params)
-  want, _ = _steps(base, params)
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_array_equal(a, b)
 
 
 def test_decoupled_wsam_reads_the_learning_rate_of_an_injected_base():

@@ -4,14 +4,13 @@ Each reference is plain NumPy (float64) on a linear least-squares problem
 whose gradient is written by hand, run for several steps so that SAM steps
 and the steps between (reuse / plain) both occur. The random choices
 (random_sam's coin, esam's leaf draws) are specified as draws from the key
-in the state, so the references redraw them with `jax.random`. msam does
-not fit the shared battery's stateless-step checks (its first step is
-special by design), so the battery checks that apply run on it here.
+in the state, so the references redraw them with `jax.random`. The shared
+checks (jit, inject_hyperparams, bad input, ...) run on every cheap variant,
+msam included, in test_battery.py.
 """
 
-import functools
 import re
-from typing import NamedTuple
+from typing import NamedTuple, Unpack
 
 import jax
 import jax.numpy as jnp
@@ -24,9 +23,6 @@ from sam_optax._src.core import tree_math
 from sam_optax._src.pipeline import transformation
 from sam_optax._src.pipeline import variant as variant_lib
 from sam_optax._src.variants import cheap
-import test_battery
-import test_reliability
-from variants import Variant
 
 _rng = np.random.default_rng(3)
 X = _rng.normal(size=(16, 4))
@@ -161,9 +157,9 @@ class _ThresholdState(NamedTuple):
 
 
 @transformation.transformation
-def _sam_where_the_gradient_is_large(loss_fn, rho=0.05):
+def _sam_where_the_gradient_is_large(
+    rho=0.05, **common: Unpack[transformation.CommonOptions]):
   """A cheap variant built from `cheap.threshold`: SAM where |g0| >= 4.3."""
-  del loss_fn
   when = cheap.threshold(
       lambda ctx: (tree_math.tree_norm(ctx.clean_grad) - 4.3, {}))
 
@@ -273,29 +269,3 @@ def test_skipped_steps_do_not_compute_the_second_gradient():
                                   batch=BATCH)
   assert not bool(state.sam_step)
   np.testing.assert_array_equal(out['w'], grads['w'])
-
-
-MSAM = Variant('msam', sam_optax.msam, {'beta': 0.9})
-BATTERY = [test_battery.test_one_trace_and_stable_state,
-           test_battery.test_inject_hyperparams_sets_rho,
-           test_battery.test_zero_gradient_is_a_normal_case,
-           test_battery.test_aux_is_dropped,
-           test_battery.test_bad_input_is_a_clear_error,
-           test_reliability.test_complex_parameters_are_a_clear_error,
-           test_reliability.test_derivative_through_update_is_finite_at_a_zero_gradient]
-
-
-@pytest.mark.parametrize('check_fn', BATTERY, ids=lambda f: f.__name__)
-def test_msam_passes_the_battery_checks_that_apply(check_fn):
-  check_fn(MSAM)
-
-
-@pytest.mark.parametrize('rho', [0.0, optax.constant_schedule(0.0)],
-                         ids=['number', 'schedule'])
-def test_msam_rho_zero_is_exactly_the_base_optimizer(rho):
-  test_battery.test_rho_zero_is_exactly_the_base_optimizer(MSAM, rho)
-
-
-@pytest.mark.parametrize('bad', [float('nan'), -0.1])
-def test_msam_bad_traced_hyperparameter_is_nan(bad):
-  test_reliability.test_a_bad_traced_hyperparameter_shows_as_nan(MSAM, bad)
