@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import inspect
 import numbers
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, TypeAlias, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-# A hyperparameter that a user may anneal: a number, or an optax schedule
-# ``count -> value`` evaluated on the transformation's own step count.
-ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
+ScalarOrSchedule: TypeAlias = Union[float, np.floating, jax.Array,
+                                    optax.Schedule]
+"""A hyperparameter: a number, or an optax schedule ``count -> value``.
+
+A schedule is evaluated on the transformation's own step count; the
+arguments of this type are the ones `sam_optax.inject_hyperparams` can set
+from outside.
+"""
 
 
 def _is_concrete(value: Any) -> bool:
@@ -358,7 +363,7 @@ def missing_loss_keywords(loss_fn: Callable[..., Any],
 
 def call_loss(owner: str, loss_fn: Callable[..., Any], params: Any,
               loss_kwargs: Mapping[str, Any]) -> Any:
-  """``loss_fn(params, **loss_kwargs)``; a missing keyword says how to pass it."""
+  """``loss_fn(params, **loss_kwargs)``; a missing keyword names the fix."""
   try:
     return loss_fn(params, **loss_kwargs)
   except TypeError as error:
