@@ -304,7 +304,7 @@ def main(argv=None):
       ' (time / gradient time in the same round). The default `unroll=None`'
       ' picks: ' + ', '.join(f'{k} unroll={v}' for k, v in picks.items())
       + '. Compile: first-call time unrolled / looped (one sample each).',
-      f'Command: `python benchmarks/bench_hessian.py`',
+      'Command: `python benchmarks/bench_hessian.py`',
       '',
       '| model | operation | ms (default) | x gradient, unroll=False |'
       ' x gradient, unroll=True | x gradient, default |'

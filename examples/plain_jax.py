@@ -66,10 +66,11 @@ def load_mnist1d(num_samples: int, label_noise: float, seed: int):
 def init_mlp(key: jax.Array, sizes: Sequence[int]) -> list[dict[str, Any]]:
   """He-initialised dense layers: a list of {'w', 'b'} dicts."""
   params = []
-  for key, fan_in, fan_out in zip(
+  for layer_key, fan_in, fan_out in zip(
       jax.random.split(key, len(sizes) - 1), sizes[:-1], sizes[1:]
   ):
-    w = jax.random.normal(key, (fan_in, fan_out)) * jnp.sqrt(2.0 / fan_in)
+    w = jax.random.normal(layer_key, (fan_in, fan_out)) * jnp.sqrt(
+        2.0 / fan_in)
     params.append({'w': w, 'b': jnp.zeros(fan_out)})
   return params
 

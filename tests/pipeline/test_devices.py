@@ -5,6 +5,7 @@ Every numerical check compares against a hand-written SAM / ASAM gradient
 never against the transformation under test.
 """
 
+import dataclasses
 import inspect
 import re
 
@@ -451,7 +452,7 @@ def test_layouts_read_like_the_call():
       4, mode='vectorized'))) == "PerDevice('d', chunks=Chunks(4, mode="\
           "'vectorized'))"
   assert sam_optax.Chunks(8) == sam_optax.Chunks(8)  # frozen, comparable
-  with pytest.raises(Exception):
+  with pytest.raises(dataclasses.FrozenInstanceError):
     sam_optax.Chunks(8).m = 4
   for factory in (sam_optax.sam, sam_optax.asam, sam_optax.xsam):
     parameters = inspect.signature(factory).parameters

@@ -19,7 +19,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 import nbformat
 
-NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / 'notebooks'
+NOTEBOOKS = pathlib.Path(__file__).resolve().parents[2] / 'notebooks'
 KERNEL = 'python3'
 REQUIRED = ('tutorial.ipynb',)
 
