@@ -67,9 +67,8 @@ def inject_hyperparams(
     >>> state = tx.init(jnp.ones(3))
     >>> state.hyperparams['rho'] = jnp.asarray(0.1)  # set rho from outside
 
-  It is equivalent to
-  ``optax.inject_hyperparams(sam_optax.sam, static_args=('loss_fn',
-  'ascent_steps', 'has_aux'))``.
+  For `sam` it is `optax.inject_hyperparams` with ``static_args`` every
+  argument but ``rho``.
   """
   static_args = {static_args} if isinstance(static_args, str) else set(
       static_args
