@@ -95,7 +95,7 @@ def average_case_sharpness(
       owner, loss_fn, params, loss_kwargs=loss_kwargs, batches=batches,
       has_aux=has_aux, layout=layout)
   key = checks.resolve_key(key)
-  sigma = jnp.asarray(sigma, jnp.float32)
+  noise = jnp.asarray(sigma, jnp.float32)
   scale = metric.scale(params, adaptive, eta)
   base_loss = obj.loss(params)
   leaves, treedef = jax.tree.flatten(params)
@@ -107,7 +107,7 @@ def average_case_sharpness(
         [jax.random.normal(k, p.shape, jnp.float32)
          for k, p in zip(keys, leaves)],
     )
-    delta = tree_math.tree_scale(sigma, metric.apply_scale(scale, z))
+    delta = tree_math.tree_scale(noise, metric.apply_scale(scale, z))
     gain = obj.loss(metric.shift(params, delta)) - base_loss
     return (total[0] + gain, total[1] + gain * gain), None
 

@@ -110,13 +110,14 @@ def selectable(helper: Callable[P, R]) -> Callable[P, R]:
   ``per_leaf=True`` the result is a pytree like params of them.
   """
   owner = helper.__name__
+  run: Callable[..., R] = helper  # called with the options it declares
 
   @functools.wraps(helper)
   def wrapper(loss_fn, params, *args, select=None, per_leaf=False,
               curvature='hessian', **kwargs):
     validation.check_bool(owner, 'per_leaf', per_leaf)
     if select is None and not per_leaf:
-      return helper(loss_fn, params, *args, curvature=curvature, **kwargs)
+      return run(loss_fn, params, *args, curvature=curvature, **kwargs)
     validation.check_loss_fn(owner, loss_fn)
     checks.check_params(owner, params)
     curvature_lib.check_curvature(owner, curvature)
@@ -127,8 +128,8 @@ def selectable(helper: Callable[P, R]) -> Callable[P, R]:
     for group in groups:
       block = _Block(leaves, treedef, group)
       block_loss, block_curvature = block.restrict(loss_fn, curvature)
-      out = helper(block_loss, block.params, *args,
-                   curvature=block_curvature, **kwargs)
+      out = run(block_loss, block.params, *args,
+                curvature=block_curvature, **kwargs)
       results.append(block.result(out, unwrap=per_leaf))
     if not per_leaf:
       return results[0]

@@ -28,11 +28,14 @@ first (a generator is read once).
 from __future__ import annotations
 
 import collections
+import collections.abc
 import functools
 import inspect
 from typing import Any, Callable, Mapping, TypeVar
 
 import jax
+import jax.core
+import jax.numpy as jnp
 import numpy as np
 
 F = TypeVar('F', bound=Callable[..., Any])
@@ -47,8 +50,7 @@ _ARRAY = (jax.Array, np.ndarray, np.generic)
 
 def _is_key(x: Any) -> bool:
   dtype = getattr(x, 'dtype', None)
-  return dtype is not None and jax.dtypes.issubdtype(dtype,
-                                                      jax.dtypes.prng_key)
+  return dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
 
 
 def _dynamic(name: str, leaf: Any) -> bool:

@@ -24,7 +24,7 @@ def lanczos(
     num_steps: int,
     key: jax.Array,
     unroll: bool = False,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Lanczos tridiagonalization with full reorthogonalization.
 
   Args:

@@ -29,6 +29,8 @@ Batches = Optional[Iterable[Mapping[str, Any]]]
 class FlatOperator:
   """x -> H x on flat float32 vectors of length n."""
 
+  unroll: bool = False  # the loop form, resolved by `make`
+
   def __init__(self, obj: objective_lib.Objective, params: PyTree,
                curvature: Any = None):
     wide = jax.tree.map(lambda p: p.astype(jnp.float32), params)
@@ -46,8 +48,10 @@ class FlatOperator:
     )[0]
 
 
-def make(owner, loss_fn, params, loss_kwargs, batches, has_aux,
-              curvature='hessian', layout=None, unroll=False):
+def make(owner: str, loss_fn: Callable[..., Any], params: PyTree,
+         loss_kwargs: Optional[Mapping[str, Any]], batches: Batches,
+         has_aux: bool, curvature: Any = 'hessian', layout: Any = None,
+         unroll: Optional[bool] = False) -> FlatOperator:
   """The flat operator; ``op.unroll`` is the resolved loop form."""
   loops.check_unroll(owner, unroll)
   curvature = curvature_lib.check_curvature(owner, curvature)

@@ -109,7 +109,7 @@ def plot_loss_landscape(
     high = max(float(np.max(z)) for z in zs.values())
     bounds = np.linspace(low, high if high > low else low + 1.0, levels)
     axes = figure.subplots(1, len(items), squeeze=False)[0]
-    contour = None
+    contour: Any = None
     for axis, (name, value) in zip(axes, items.items()):
       contour = axis.contourf(np.asarray(value.alphas), np.asarray(value.betas),
                               zs[name], levels=bounds, cmap='viridis')
@@ -232,7 +232,7 @@ def plot_trajectory(
   high = max(float(np.nanmax(z)) for z in zs.values())
   bounds = np.linspace(low, high if high > low else low + 1.0, levels)
   axes = figure.subplots(1, len(items), squeeze=False)[0]
-  contour = None
+  contour: Any = None
   for axis, (name, value) in zip(axes, items.items()):
     grid = value.landscape
     contour = axis.contourf(np.asarray(grid.alphas), np.asarray(grid.betas),

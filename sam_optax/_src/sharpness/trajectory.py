@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 import jax
+import jax.core
 from jax import flatten_util
 import jax.numpy as jnp
 import numpy as np

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional
 
 import jax
+import jax.core
 import jax.numpy as jnp
 
 from sam_optax._src.core import tree_math
@@ -132,8 +133,8 @@ def worst_case_sharpness(
   obj = objective_lib.Objective(
       owner, loss_fn, params, loss_kwargs=loss_kwargs, batches=batches,
       has_aux=has_aux, layout=layout)
-  rho = jnp.asarray(rho, jnp.float32)
-  ball = apgd.Ball(norm, rho)
+  radius = jnp.asarray(rho, jnp.float32)
+  ball = apgd.Ball(norm, radius)
   scale = metric.scale(params, adaptive, eta)
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
 
@@ -142,9 +143,9 @@ def worst_case_sharpness(
     return loss, metric.apply_scale(scale, grad)
 
   base_loss = obj.loss(params)
-  start = (apgd.random_start(norm, rho, zeros, checks.resolve_key(key))
+  start = (apgd.random_start(norm, radius, zeros, checks.resolve_key(key))
            if random_init else zeros)
-  step = (2.0 * rho if step_size is None
+  step = (2.0 * radius if step_size is None
           else jnp.asarray(step_size, jnp.float32))
   best_x, best_f, nan_seen = apgd.ascend(
       value_and_grad, start, ball, step,
