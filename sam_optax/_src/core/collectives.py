@@ -9,6 +9,7 @@ pieces they share; none knows about layouts.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any, Optional, Sequence
 
 import jax
@@ -77,7 +78,7 @@ def flat_mean(tree: PyTree, axes: Sequence[str]) -> PyTree:
   return unravel(jax.lax.pmean(flat, tuple(axes)))
 
 
-def check_groups(owner: str, axis: str,
+def check_groups(owner: str, axis: Hashable,
                  groups: Sequence[Sequence[int]]) -> None:
   """``groups`` must cover every index of ``axis`` (inside pmap/shard_map)."""
   size = jax.lax.axis_size(axis)

@@ -14,6 +14,7 @@ import dataclasses
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
+import jax.core
 import jax.numpy as jnp
 
 from sam_optax._src.core import directions
@@ -103,6 +104,15 @@ class Group(NamedTuple):
   mean: Callable[[PyTree], PyTree] = lambda tree: tree
 
 
+def _piece(piece: Optional[Callable[..., Any]],
+           name: str) -> Callable[..., Any]:
+  """A group's per-example piece (every layout in `groups.py` builds it)."""
+  if piece is None:
+    raise ValueError(f'This group has no {name}: build groups with the'
+                     ' layouts of pipeline/groups.py, which give every one.')
+  return piece
+
+
 @dataclasses.dataclass(frozen=True)
 class Context:
   """What a variant's pieces see for one group, before this update.
@@ -116,7 +126,8 @@ class Context:
     params: the clean weights w.
     hyperparams: every hyperparameter at this step, float32 scalars (NaN
       where a traced value broke its bound).
-    state: the transformation's state before this update.
+    state: the transformation's state before this update (an instance of
+      the variant's own ``state`` class).
     decision: what the variant's ``decide`` returned, averaged over every
       group of the layout (None without ``decide``; zeros on steps where
       ``decides`` is False).
@@ -126,7 +137,7 @@ class Context:
   clean_grad: PyTree
   params: PyTree
   hyperparams: Mapping[str, jax.Array]
-  state: NamedTuple
+  state: Any
   decision: Optional[PyTree]
   decided: jax.Array
   group: Group
@@ -150,7 +161,8 @@ class Context:
     if select is None:
       loss, grad = self.group.grad_at(point)
     else:
-      loss, grad = self.group.grad_on(point, select, batch_argnames)
+      loss, grad = _piece(self.group.grad_on, 'grad_on')(point, select,
+                                                         batch_argnames)
     return jnp.asarray(loss, jnp.float32), grad
 
   def loss_at(self, point: PyTree) -> jax.Array:
@@ -166,8 +178,8 @@ class Context:
     with a leading dimension. Under ``PerDevice(sync=True)`` these are this
     device's examples.
     """
-    return jnp.asarray(self.group.losses_at(point, batch_argnames),
-                       jnp.float32)
+    losses_at = _piece(self.group.losses_at, 'losses_at')
+    return jnp.asarray(losses_at(point, batch_argnames), jnp.float32)
 
   def group_mean(self, tree: PyTree) -> PyTree:
     """``tree`` averaged over the group's devices (``PerDevice(sync=True)``).
