@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, cast
 
 import jax
 import jax.numpy as jnp
@@ -194,8 +194,10 @@ def decoupled_wsam(
   base = optax.with_extra_args_support(base_optimizer)
 
   def init_fn(params):
-    state = DecoupledWSAMState(part.init(params), base.init(params),
-                               complete.no_skipped_steps())
+    # The part is built from a WSAMState variant; optax types its state
+    # only as OptState.
+    state = DecoupledWSAMState(cast(WSAMState, part.init(params)),
+                               base.init(params), complete.no_skipped_steps())
     _learning_rate(learning_rate, state.wsam.count, state.base)  # checks
     return state
 
@@ -203,6 +205,7 @@ def decoupled_wsam(
     validation.check_state(_OWNER, state, init_fn, params)
     clean, part_state = part.update(updates, state.wsam, params,
                                     **extra_args)
+    part_state = cast(WSAMState, part_state)
     out, base_state = base.update(clean, state.base, params, **extra_args)
     lr = _learning_rate(learning_rate, state.wsam.count, base_state)
     out = jax.tree.map(lambda u, s: (tree_math.wide(u) - lr * s).astype(
