@@ -76,8 +76,11 @@ def _accepts_the_decoupled_spelling(public: _Factory) -> _Factory:
         ' optimizer.', DeprecationWarning, stacklevel=2)
     # Imported here: decoupled_wsam builds on this module.
     from sam_optax._src.variants import decoupled_wsam as decoupled_lib  # pylint: disable=g-import-not-at-top
+    # Whatever was passed (None if nothing): decoupled_wsam's own check
+    # names a missing or wrong base_optimizer.
+    base_optimizer: Any = old.get('base_optimizer')
     return decoupled_lib.decoupled_wsam(
-        loss_fn, old.get('base_optimizer'), *args,
+        loss_fn, base_optimizer, *args,
         learning_rate=old.get('learning_rate'), **kwargs)
 
   return wsam  # type: ignore[return-value]
