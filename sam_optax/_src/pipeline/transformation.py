@@ -394,4 +394,5 @@ def build(variant: Variant, loss_fn: LossFn, *, ascent_steps: int = 1,
       scalar_loss=validation.checked_scalar_loss(variant.name, loss_fn,
                                                  has_aux))
   return optax.GradientTransformationExtraArgs(
-      *validation.checked(variant.name, variant.init, pipeline.update))
+      *validation.checked(variant.name, variant.initial_state,
+                          pipeline.update))

@@ -266,7 +266,8 @@ class Variant:
     state: the state's NamedTuple class; its first fields are ``count``,
       ``perturbed_loss``, ``grad_norm`` and ``cosine`` (set by the
       pipeline), then the variant's own.
-    init: ``params -> state`` (use `initial_diagnostics` for the first four).
+    init: ``params -> {own field: initial value}``, the variant's own
+      fields only (none by default); the pipeline adds the common four.
     direction: the ascent piece, ``(grad, params, hyperparams) -> unit
       direction`` in the variant's metric.
     combine: ``Context -> Step``, the gradient handed on.
@@ -293,7 +294,7 @@ class Variant:
   name: str
   hyperparams: Mapping[str, ScalarOrSchedule]
   state: type
-  init: Callable[[PyTree], NamedTuple]
+  init: Callable[[PyTree], Mapping[str, Any]] = lambda params: {}
   direction: Callable[[PyTree, PyTree, Mapping[str, jax.Array]], PyTree] = (
       sam_direction)
   combine: Callable[[Context], Step] = perturbed_gradient
@@ -302,6 +303,11 @@ class Variant:
   decides: Optional[Callable[[NamedTuple], jax.Array]] = None
   bounds: Mapping[str, Bound] = dataclasses.field(default_factory=dict)
   uses_clean_grad: bool = True
+
+  def initial_state(self, params: PyTree) -> NamedTuple:
+    """The state at init: the common fields (count 0, zero diagnostics)
+    and the variant's own from ``init``."""
+    return self.state(**initial_diagnostics(), **self.init(params))
 
   def __post_init__(self):
     fields = tuple(self.state._fields)

@@ -153,6 +153,5 @@ def ae_sam(
       state=AESAMState, decide=_squared_norm,
       combine=_combine(total_steps, float(c_start), float(c_end)),
       agree={'sam_step': 'same', 'mean': 'same', 'variance': 'same'},
-      init=lambda params: AESAMState(
-          **variant_lib.initial_diagnostics(), sam_step=jnp.asarray(False),
-          mean=zero, variance=zero))
+      init=lambda params: dict(sam_step=jnp.asarray(False), mean=zero,
+                               variance=zero))

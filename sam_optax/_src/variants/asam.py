@@ -81,6 +81,4 @@ def asam(
 
   return variant_lib.Variant(
       name='asam', hyperparams={'rho': rho, 'eta': eta},
-      state=sam_lib.SAMState, direction=direction,
-      init=lambda params: sam_lib.SAMState(
-          **variant_lib.initial_diagnostics()))
+      state=sam_lib.SAMState, direction=direction)

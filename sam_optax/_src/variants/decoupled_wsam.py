@@ -77,9 +77,8 @@ def _sharpness_part(rho, gamma) -> variant_lib.Variant:
   return variant_lib.Variant(
       name=_OWNER, hyperparams={'rho': rho, 'gamma': gamma},
       state=WSAMState, combine=_sharpness_gradient,
-      agree={'sharpness': 'mean'},
-      init=lambda params: WSAMState(
-          **variant_lib.initial_diagnostics(),
+      bounds={'gamma': variant_lib.BELOW_ONE}, agree={'sharpness': 'mean'},
+      init=lambda params: dict(
           sharpness=tree_math.float32_zeros_like(params)))
 
 

@@ -196,7 +196,6 @@ def esam(
       combine=_make_combine(gamma, batch_argnames), bounds={'beta': variant_lib.Bound(high=1.0, low_open=True)},
       agree={'sam_step': 'same', 'key': 'same', 'sharpness': 'mean',
              'selected_sharpness': 'mean'},
-      init=lambda params: ESAMState(
-          **variant_lib.initial_diagnostics(), sam_step=jnp.asarray(False),
-          key=jax.random.PRNGKey(seed), sharpness=zero,
-          selected_sharpness=zero))
+      init=lambda params: dict(
+          sam_step=jnp.asarray(False), key=jax.random.PRNGKey(seed),
+          sharpness=zero, selected_sharpness=zero))

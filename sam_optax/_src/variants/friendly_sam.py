@@ -111,6 +111,5 @@ def friendly_sam(
       hyperparams={'rho': rho, 'sigma': sigma, 'lmbda': lmbda},
       bounds={'lmbda': variant_lib.UNIT},
       state=FriendlySAMState, combine=_combine, agree={'momentum': 'mean'},
-      init=lambda params: FriendlySAMState(
-          **variant_lib.initial_diagnostics(),
+      init=lambda params: dict(
           momentum=tree_math.float32_zeros_like(params)))

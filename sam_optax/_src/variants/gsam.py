@@ -114,6 +114,4 @@ def gsam(
   validation.check_bool('gsam', 'minimize_fp', minimize_fp)
   return variant_lib.Variant(
       name='gsam', hyperparams={'rho': rho, 'alpha': alpha},
-      state=sam_lib.SAMState, combine=_combine(minimize_fp),
-      init=lambda params: sam_lib.SAMState(
-          **variant_lib.initial_diagnostics()))
+      state=sam_lib.SAMState, combine=_combine(minimize_fp))

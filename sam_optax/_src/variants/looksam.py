@@ -218,7 +218,7 @@ def looksam(
       name='looksam', hyperparams={'rho': rho, 'alpha': alpha},
       state=LookSAMState, combine=_combine(cheap.every(k, start), per_tensor),
       agree={'sam_step': 'same', 'g_v': 'mean'},
-      init=lambda params: LookSAMState(
-          **variant_lib.initial_diagnostics(),
-          sam_step=jnp.asarray(False), g_v=jax.tree.map(
+      init=lambda params: dict(
+          sam_step=jnp.asarray(False),
+          g_v=jax.tree.map(
               lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)))

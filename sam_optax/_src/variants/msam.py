@@ -104,7 +104,7 @@ def msam(
       bounds={'beta': variant_lib.UNIT},
       combine=_combine, uses_clean_grad=False,
       agree={'sam_step': 'same', 'momentum': 'mean'},
-      init=lambda params: MSAMState(
-          **variant_lib.initial_diagnostics(), sam_step=jnp.asarray(False),
+      init=lambda params: dict(
+          sam_step=jnp.asarray(False),
           momentum=jax.tree.map(
               lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)))

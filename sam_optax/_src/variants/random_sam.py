@@ -126,6 +126,5 @@ def random_sam(
       bounds={'p': variant_lib.UNIT},
       state=RandomSAMState, combine=_combine(when, interval, scale_rho),
       agree={'sam_step': 'same', 'key': 'same'},
-      init=lambda params: RandomSAMState(
-          **variant_lib.initial_diagnostics(), sam_step=jnp.asarray(False),
-          key=jax.random.PRNGKey(seed)))
+      init=lambda params: dict(sam_step=jnp.asarray(False),
+                               key=jax.random.PRNGKey(seed)))

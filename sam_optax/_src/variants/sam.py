@@ -102,5 +102,4 @@ def sam(
     (authors' code: google-research/sam).
   """
   return variant_lib.Variant(
-      name='sam', hyperparams={'rho': rho}, state=SAMState,
-      init=lambda params: SAMState(**variant_lib.initial_diagnostics()))
+      name='sam', hyperparams={'rho': rho}, state=SAMState)

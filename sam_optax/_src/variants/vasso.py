@@ -101,6 +101,5 @@ def vasso(
       name='vasso', hyperparams={'rho': rho, 'theta': theta},
       bounds={'theta': variant_lib.UNIT},
       state=VaSSOState, combine=_combine, agree={'direction': 'mean'},
-      init=lambda params: VaSSOState(
-          **variant_lib.initial_diagnostics(),
+      init=lambda params: dict(
           direction=tree_math.float32_zeros_like(params)))

@@ -145,6 +145,4 @@ def wsam(
   return variant_lib.Variant(
       name='wsam', hyperparams={'rho': rho, 'gamma': gamma},
       bounds={'gamma': variant_lib.BELOW_ONE},
-      state=sam_lib.SAMState, combine=_weighted_gradient,
-      init=lambda params: sam_lib.SAMState(
-          **variant_lib.initial_diagnostics()))
+      state=sam_lib.SAMState, combine=_weighted_gradient)

@@ -302,9 +302,8 @@ def xsam(
   def init(params):
     del params
     initial = alpha(0) if callable(alpha) else alpha
-    return XSAMState(**variant_lib.initial_diagnostics(),
-                     alpha=jnp.asarray(initial, jnp.float32),
-                     probe_losses=jnp.zeros(grid.shape, jnp.float32))
+    return dict(alpha=jnp.asarray(initial, jnp.float32),
+                probe_losses=jnp.zeros(grid.shape, jnp.float32))
 
   probing = probe_every is not None
   return variant_lib.Variant(
