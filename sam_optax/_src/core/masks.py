@@ -7,6 +7,7 @@ import sys
 from typing import Any, Callable, Optional
 
 import jax
+import jax.core
 import numpy as np
 
 from sam_optax._src.core import directions
@@ -184,10 +185,11 @@ def perturbed_leaves(owner: str, mask: Optional[directions.LeafMask]
   def chosen(params):
     user = mask
     if callable(mask) and not isinstance(mask, dict):
+      predicate = mask  # a callable, also inside the lambda below
       # pylint: disable-next=protected-access
       if directions._positional_arity(mask) == 2:
         user = lambda path, leaf: _python_bool(
-            owner, jax.tree_util.keystr(path), mask(path, leaf))
+            owner, jax.tree_util.keystr(path), predicate(path, leaf))
       else:
         given = mask(params)
         try:

@@ -85,7 +85,7 @@ def rho_proportional_to_lr(
   span = float(lr_max) - float(lr_min)
   rho_max, rho_min, lr_min = float(rho_max), float(rho_min), float(lr_min)
 
-  def schedule(count: jax.Array) -> jax.Array:
+  def schedule(count: jax.typing.ArrayLike) -> jax.Array:
     lr = lr_schedule(count) if callable(lr_schedule) else lr_schedule
     lr = jnp.asarray(lr, jnp.float32)
     if span == 0.0:

@@ -7,6 +7,7 @@ import numbers
 from typing import Any, Callable, Mapping, Optional, TypeAlias, Union
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -71,10 +72,10 @@ def check_number(
         f'{owner}: {name} must be {kind}, got {type(value).__name__}'
         f' {value!r}.'
     )
-  if jnp.ndim(value) != 0:
+  if isinstance(value, (np.ndarray, jax.Array)) and value.ndim != 0:
     raise ValueError(
         f'{owner}: {name} must be a scalar, got an array of shape'
-        f' {jnp.shape(value)}.'
+        f' {value.shape}.'
     )
   if not _is_concrete(value):
     return
@@ -106,7 +107,7 @@ def check_static_int(owner: str, name: str, value: Any, minimum: int) -> int:
     )
   if isinstance(value, bool) or not isinstance(
       value, (numbers.Integral, np.integer, np.ndarray, jax.Array)
-  ) or jnp.ndim(value) != 0:
+  ) or (isinstance(value, (np.ndarray, jax.Array)) and value.ndim != 0):
     raise TypeError(
         f'{owner}: {name} must be an int >= {minimum}, got {value!r}.'
     )
@@ -486,7 +487,8 @@ def with_framework_hint(owner: str,
       return loss_fn(params, **loss_kwargs)
     except (TypeError, AttributeError) as error:
       framework = _model_framework(params)
-      if framework is None or error.__traceback__.tb_next is None:
+      trace = error.__traceback__  # never None for a caught error
+      if framework is None or trace is None or trace.tb_next is None:
         raise  # not a framework's params, or the call's own argument list
       raise TypeError(
           f'{owner}: loss_fn raised {type(error).__name__}: {error} -- when'
