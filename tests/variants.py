@@ -133,20 +133,11 @@ COMPLETE_OPTIMIZERS = [
             complete=True, takes_base=True, diagnostics_field='wsam',
             signed=('learning_rate',)),
     # num_data 1e6: the noise (std 1e-3 / sqrt(s)) stays far below the
-    # battery's tolerances. Gaps found by the battery: a traced
-    # hyperparameter (sam_optax.inject_hyperparams or optax's) reaches a
-    # float() in bsam's construction checks; complex params are not refused;
-    # with float64 params grad_norm turns float64 (the scan carry breaks);
-    # with float16 params and gradients ~1e4 every step is skipped.
+    # battery's tolerances.
     Variant('bsam', sam_optax.bsam,
             {'learning_rate': 0.1, 'num_data': 10 ** 6, 'seed': 1},
             complete=True, stateless=False, noisy=True,
-            common_options=False,
-            not_yet=('test_inject_hyperparams_sets_rho',
-                     'test_a_bad_traced_hyperparameter_is_a_bad_step',
-                     'test_complex_parameters_are_a_clear_error',
-                     'test_state_dtypes_never_follow_the_params',
-                     'test_low_precision_params_with_large_gradients')),
+            common_options=False),
 ]
 BATTERY = VARIANTS + [MSAM] + COMPLETE_OPTIMIZERS
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import numbers
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -59,26 +61,103 @@ def noise_like(key: jax.Array, params: PyTree) -> PyTree:
       for i, p in enumerate(leaves)])
 
 
+# Every hyperparameter's interval: a number is checked when bsam is built, a
+# traced or scheduled value at every step (out of it, the step is skipped).
+_BOUNDS = {
+    'learning_rate': variant_lib.NONNEGATIVE,
+    'rho': variant_lib.NONNEGATIVE,
+    'num_data': variant_lib.POSITIVE,
+    'beta1': variant_lib.BELOW_ONE,
+    'beta2': variant_lib.BELOW_ONE,
+    'prior_prec': variant_lib.NONNEGATIVE,
+    'damping': variant_lib.NONNEGATIVE,
+    's_init': variant_lib.POSITIVE,
+}
+_SCHEDULABLE = ('learning_rate', 'rho')
+# A float16 gradient that overflows is taken again on the loss times this
+# (a power of two, a normal float16), then divided back in float32.
+_LOSS_SCALE = 2.0 ** -14
+
+
 def _value(value, count):
   return jnp.asarray(value(count) if callable(value) else value, jnp.float32)
 
 
-def _check(num_data, learning_rate, rho, betas, prior_prec, damping, s_init):
-  if isinstance(num_data, bool) or not isinstance(num_data, (int, float)) or (
-      not num_data > 0):
+def _is_static(value) -> bool:
+  return not (callable(value) or isinstance(value, jax.core.Tracer))
+
+
+def _check_static(name, value):
+  """A number out of ``name``'s interval is an error; traced values pass."""
+  bound = _BOUNDS[name]
+  if name == 'num_data' and _is_static(value) and (
+      isinstance(value, bool) or not isinstance(value, numbers.Real)
+      or not 0 < value < float('inf')):
     raise ValueError(f'{_OWNER}: num_data must be a number > 0 (the size of'
-                     f' the training set), got {num_data!r}.')
-  validation.check_hyperparameter(_OWNER, 'learning_rate', learning_rate)
-  validation.check_hyperparameter(_OWNER, 'rho', rho)
+                     f' the training set), got {value!r}.')
+  validation.check_number(_OWNER, name, value,
+                          allow_zero=not bound.low_open,
+                          allow_schedule=name in _SCHEDULABLE)
+  if _is_static(value) and not bound.holds(float(value)):
+    raise ValueError(f'{_OWNER}: {name} must be < {bound.high} ({bound}),'
+                     f' got {float(value):g}.')
+
+
+def _check(hyperparams):
+  for name, value in hyperparams.items():
+    _check_static(name, value)
+
+
+def _in_bounds(hyperparams) -> jax.Array:
+  """Whether every value at this step (float32) lies in its interval."""
+  return functools.reduce(jnp.logical_and, [
+      _BOUNDS[name].holds(value) for name, value in hyperparams.items()])
+
+
+def _as_float32(value):
+  """A number stays a Python float (the authors' constants); else float32."""
+  return float(value) if _is_static(value) else jnp.asarray(
+      value, jnp.float32)
+
+
+def _split_betas(betas):
   if not (isinstance(betas, Sequence) and len(betas) == 2):
     raise TypeError(f'{_OWNER}: betas must be a pair (beta1, beta2), got'
                     f' {betas!r}.')
-  for name, beta in zip(('beta1', 'beta2'), betas):
-    validation.check_number(_OWNER, name, beta)
-    variant_lib.BELOW_ONE.check(_OWNER, name, beta)
-  validation.check_number(_OWNER, 'prior_prec', prior_prec)
-  validation.check_number(_OWNER, 'damping', damping)
-  validation.check_number(_OWNER, 's_init', s_init, allow_zero=False)
+  return tuple(betas)
+
+
+def _has_float16(params) -> bool:
+  return any(jnp.result_type(p) == jnp.float16
+             for p in jax.tree.leaves(params))
+
+
+def _value_and_grad(scalar_loss, float16: bool):
+  """``(w, kw) -> (L, grad)``; float16 params: a float32 gradient.
+
+  With float16 parameters the gradient at the ascent's point can exceed
+  float16's range while the loss is finite: then it is taken again on the
+  loss times 2^-14 and divided back in float32 (one more pass, only then).
+  """
+  plain = jax.value_and_grad(scalar_loss)
+  if not float16:
+    return plain
+
+  def widened(w, kw):
+    loss, grad = plain(w, kw)
+
+    def rescaled():
+      _, small = jax.value_and_grad(
+          lambda p: scalar_loss(p, kw) * _LOSS_SCALE)(w)
+      return jax.tree.map(
+          lambda g: g.astype(jnp.float32) / _LOSS_SCALE, small)
+
+    wide = jax.tree.map(lambda g: g.astype(jnp.float32), grad)
+    overflowed = jnp.isfinite(jnp.asarray(loss, jnp.float32)) & (
+        ~tree_math.all_finite(wide))
+    return loss, jax.lax.cond(overflowed, rescaled, lambda: wide)
+
+  return widened
 
 
 class _Examples(NamedTuple):
@@ -88,15 +167,14 @@ class _Examples(NamedTuple):
   value_and_grad: Callable[[PyTree], tuple[jax.Array, PyTree]]
 
 
-def _on(scalar_loss, loss_kwargs, local) -> _Examples:
+def _on(value_and_grad, loss_kwargs, local) -> _Examples:
   """The loss on ``loss_kwargs``, differentiated at ``local(w)``."""
   return _Examples(
-      grad=lambda w: jax.grad(scalar_loss)(local(w), loss_kwargs),
-      value_and_grad=lambda w: jax.value_and_grad(scalar_loss)(
-          local(w), loss_kwargs))
+      grad=lambda w: value_and_grad(local(w), loss_kwargs)[1],
+      value_and_grad=lambda w: value_and_grad(local(w), loss_kwargs))
 
 
-def _accumulated(scalar_loss, loss_kwargs, chunks, local) -> _Examples:
+def _accumulated(value_and_grad, loss_kwargs, chunks, local) -> _Examples:
   """``Chunks(m, shared=True)``: the mean over the chunks, one at a time."""
   split, mask, n = batching.split_into_chunks(
       _OWNER, loss_kwargs, chunks.m, chunks.batch_argnames,
@@ -107,9 +185,8 @@ def _accumulated(scalar_loss, loss_kwargs, chunks, local) -> _Examples:
                                 chunks.mode)[0]
 
   return _Examples(
-      grad=lambda w: mean(lambda kw: jax.grad(scalar_loss)(local(w), kw)),
-      value_and_grad=lambda w: mean(lambda kw: jax.value_and_grad(
-          scalar_loss)(local(w), kw)))
+      grad=lambda w: mean(lambda kw: value_and_grad(local(w), kw)[1]),
+      value_and_grad=lambda w: mean(lambda kw: value_and_grad(local(w), kw)))
 
 
 def _group_step(params, precision, num_data, rho, sync, key, examples):
@@ -129,7 +206,8 @@ def _group_step(params, precision, num_data, rho, sync, key, examples):
   scaled = jax.tree.map(
       lambda s, g: jnp.sqrt(s * jnp.square(g.astype(jnp.float32))),
       precision, grad)
-  return loss, grad_eps, scaled, tree_math.tree_norm(grad)
+  return loss, grad_eps, scaled, jnp.asarray(tree_math.tree_norm(grad),
+                                             jnp.float32)
 
 
 def _device_key(key, layout: layouts.PerDevice):
@@ -147,7 +225,7 @@ def _device_key(key, layout: layouts.PerDevice):
   return jax.random.fold_in(key, jnp.asarray(group_of, jnp.int32)[index])
 
 
-def _over_groups(scalar_loss, layout, loss_kwargs, params, precision,
+def _over_groups(value_and_grad, layout, loss_kwargs, params, precision,
                  num_data, rho, key):
   """The group step over ``layout``'s groups, averaged over every group.
 
@@ -174,9 +252,10 @@ def _over_groups(scalar_loss, layout, loss_kwargs, params, precision,
   step = lambda k, examples: _group_step(params, precision, num_data, rho,
                                          sync, k, examples)
   if chunks is None:
-    result = step(key, _on(scalar_loss, loss_kwargs, local))
+    result = step(key, _on(value_and_grad, loss_kwargs, local))
   elif chunks.shared:
-    result = step(key, _accumulated(scalar_loss, loss_kwargs, chunks, local))
+    result = step(key, _accumulated(value_and_grad, loss_kwargs, chunks,
+                                        local))
   else:
     split, mask, n = batching.split_into_chunks(
         _OWNER, loss_kwargs, chunks.m, chunks.batch_argnames,
@@ -185,7 +264,7 @@ def _over_groups(scalar_loss, layout, loss_kwargs, params, precision,
         lambda i: jax.random.fold_in(key, i))(jnp.arange(n)))
 
     def one_chunk(chunk):
-      examples = _on(scalar_loss, chunk['kwargs'], local)
+      examples = _on(value_and_grad, chunk['kwargs'], local)
       return step(jax.random.wrap_key_data(chunk['key']), examples), None
 
     result, _ = batching.over_chunks(
@@ -247,8 +326,9 @@ def bsam(
   key: ``key, sub = jax.random.split(key)`` each step, leaf i of
   :math:`\xi` drawn with ``jax.random.fold_in(sub, i)`` (`noise_like`).
 
-  A step whose gradients, losses or update are not finite, or whose traced
-  ``learning_rate`` or ``rho`` is negative or NaN, is skipped: a zero
+  A step whose gradients, losses or update are not finite, or where a
+  traced or scheduled hyperparameter is NaN or out of its interval (those
+  of Args below), is skipped: a zero
   update, every state field as it was (the count and the key too, so
   training goes on as if the batch had not been there), and
   ``skipped_steps`` counts it.
@@ -356,13 +436,20 @@ def bsam(
     <https://arxiv.org/abs/2210.01620>`_, ICLR 2023.
   """
   validation.check_loss_fn(_OWNER, loss_fn)
-  _check(num_data, learning_rate, rho, betas, prior_prec, damping, s_init)
+  beta1, beta2 = _split_betas(betas)
+  hyperparams = dict(learning_rate=learning_rate, rho=rho, num_data=num_data,
+                     beta1=beta1, beta2=beta2, prior_prec=prior_prec,
+                     damping=damping, s_init=s_init)
+  _check(hyperparams)
   validation.check_bool(_OWNER, 'has_aux', has_aux)
   layout = layouts.check_layout(_OWNER, layout)
   scalar_loss = validation.checked_scalar_loss(_OWNER, loss_fn, has_aux)
   accepted = transformation.forwarded_names(loss_fn)
-  beta1, beta2 = (float(b) for b in betas)
-  delta = float(prior_prec) / float(num_data)
+  constants = {name: _as_float32(value) for name, value in hyperparams.items()
+               if name not in _SCHEDULABLE}
+  beta1, beta2, damping, n = (
+      constants[name] for name in ('beta1', 'beta2', 'damping', 'num_data'))
+  delta = constants['prior_prec'] / n
 
   def init_fn(params):
     f32 = lambda value: jax.tree.map(
@@ -377,14 +464,15 @@ def bsam(
     validation.check_params_given(_OWNER, params)
     validation.check_same_tree(_OWNER, updates, params)
     validation.check_state(_OWNER, state, init_fn, params)
+    transformation._check_real(_OWNER, params)  # pylint: disable=protected-access
     lr, r = _value(learning_rate, state.count), _value(rho, state.count)
-    ok = (lr >= 0) & (r >= 0)
+    ok = _in_bounds({**constants, 'learning_rate': lr, 'rho': r})
     loss_kwargs = {k: v for k, v in extra_args.items()
                    if accepted is None or k in accepted}
     key, sub = jax.random.split(jax.random.wrap_key_data(state.key))
     loss, grad_eps, scaled, grad_norm = _over_groups(
-        scalar_loss, layout, loss_kwargs, params, state.precision,
-        float(num_data), r, sub)
+        _value_and_grad(scalar_loss, _has_float16(params)), layout,
+        loss_kwargs, params, state.precision, n, r, sub)
     s = state.precision
     momentum = jax.tree.map(
         lambda m, ge, w: beta1 * m + (1 - beta1) * (
