@@ -55,7 +55,8 @@ def _same(tree):
   return tree
 
 
-def per_example_losses(batch: Batch, kwargs: dict, names) -> jax.Array:
+def per_example_losses(batch: Batch, kwargs: dict,
+                       names) -> Callable[[PyTree], jax.Array]:
   """L_i(w) for each example of ``kwargs``: ``w -> (n,)`` forward passes.
 
   The batch is split into chunks of one example (`batching.split_into_chunks`
@@ -88,7 +89,8 @@ def _pick(names, default):
   return default if names is None else names
 
 
-def _examples(batch: Batch, kwargs: dict, default_names, sync):
+def _examples(batch: Batch, kwargs: dict, default_names,
+              sync) -> dict[str, Callable[..., Any]]:
   """A group's per-example pieces ``(losses_at, grad_on)`` on ``kwargs``."""
 
   def losses_at(w, names=None):
