@@ -217,11 +217,12 @@ class Pipeline:
   def decide(self, step: _Step):
     """The variant's decision, averaged over every group (or None)."""
     variant, layout = self.variant, self.layout
-    if variant.decide is None:
+    decide = variant.decide
+    if decide is None:
       return None, jnp.asarray(True)
 
     def everywhere():
-      one = lambda g: (variant.decide(
+      one = lambda g: (decide(
           self.context(step, g, None, jnp.asarray(True))), ())
       mean, _ = groups.map_groups(layout, one, step.batch)
       return groups.device_mean(layout, mean)
@@ -358,7 +359,8 @@ def _all_groups_equal(stacked: PyTree) -> jax.Array:
       equal(x) for x in jax.tree.leaves(stacked)], jnp.asarray(True))
 
 
-def skip_if_not_finite(out: PyTree, state, new_state, ok=True):
+def skip_if_not_finite(out: PyTree, state, new_state,
+                       ok: jax.Array | bool = True):
   """One bad batch never poisons a state: the rule every variant runs under.
 
   If the step is not finite -- the clean gradient (its norm, a diagnostic),
