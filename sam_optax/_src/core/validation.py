@@ -513,3 +513,15 @@ def checked_scalar_loss(
                              fix=f'build {owner} with has_aux={{}}')
 
   return scalar_loss
+
+
+def check_real(owner: str, params: Any) -> None:
+  """Complex parameters are an error that says how to split them."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if jnp.iscomplexobj(leaf):
+      raise TypeError(
+          f'{owner}: parameter {jax.tree_util.keystr(path)} is complex'
+          f' ({jnp.result_type(leaf)}); sharpness-aware steps treat the'
+          ' parameters as a real vector. Split it into real parts, e.g.'
+          " params = {'re': w.real, 'im': w.imag}, and rebuild"
+          " w = p['re'] + 1j * p['im'] inside loss_fn.")

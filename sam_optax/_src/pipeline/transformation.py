@@ -160,17 +160,6 @@ def _static_rho(rho) -> Optional[float]:
   return None
 
 
-def _check_real(owner: str, params: PyTree) -> None:
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    if jnp.iscomplexobj(leaf):
-      raise TypeError(
-          f'{owner}: parameter {jax.tree_util.keystr(path)} is complex'
-          f' ({jnp.result_type(leaf)}); sharpness-aware steps treat the'
-          ' parameters as a real vector. Split it into real parts, e.g.'
-          " params = {'re': w.real, 'im': w.imag}, and rebuild"
-          " w = p['re'] + 1j * p['im'] inside loss_fn.")
-
-
 def _check_options(variant, loss_fn, ascent_steps, has_aux,
                    perturbation_mask, layout, track_cosine) -> int:
   owner = variant.name
@@ -325,7 +314,7 @@ class Pipeline:
     owner = self.variant.name
     validation.check_params_given(owner, params)
     validation.check_same_tree(owner, updates, params)
-    _check_real(owner, params)
+    validation.check_real(owner, params)
     loss_kwargs = self.forwarded(extra_args)
     groups.check_layout_fits(owner, self.layout, updates)
     mask = None if self.perturbation_mask is None else (

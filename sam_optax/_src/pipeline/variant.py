@@ -59,7 +59,7 @@ class Bound:
                                     allow_zero=not self.low_open)
     if callable(value) or isinstance(value, jax.core.Tracer):
       return
-    number = float(jnp.asarray(value))
+    number = float(value)  # a Python number or a concrete 0-d array
     if not self.holds(number):
       raise ValueError(f'{owner}: {name} must be {self}, got {number:g}.')
 

@@ -464,7 +464,7 @@ def bsam(
     validation.check_params_given(_OWNER, params)
     validation.check_same_tree(_OWNER, updates, params)
     validation.check_state(_OWNER, state, init_fn, params)
-    transformation._check_real(_OWNER, params)  # pylint: disable=protected-access
+    validation.check_real(_OWNER, params)
     lr, r = _value(learning_rate, state.count), _value(rho, state.count)
     ok = _in_bounds({**constants, 'learning_rate': lr, 'rho': r})
     loss_kwargs = {k: v for k, v in extra_args.items()
