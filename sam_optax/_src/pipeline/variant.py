@@ -138,7 +138,7 @@ class Context:
   params: PyTree
   hyperparams: Mapping[str, jax.Array]
   state: Any
-  decision: Optional[PyTree]
+  decision: PyTree  # None (a pytree) without decide
   decided: jax.Array
   group: Group
   variant: 'Variant'
@@ -300,7 +300,7 @@ class Variant:
   combine: Callable[[Context], Step] = perturbed_gradient
   agree: Mapping[str, str] = dataclasses.field(default_factory=dict)
   decide: Optional[Callable[[Context], PyTree]] = None
-  decides: Optional[Callable[[NamedTuple], jax.Array]] = None
+  decides: Optional[Callable[[Any], jax.Array]] = None  # on `state`
   bounds: Mapping[str, Bound] = dataclasses.field(default_factory=dict)
   uses_clean_grad: bool = True
 

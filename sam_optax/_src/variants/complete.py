@@ -12,7 +12,7 @@ on as if the batch had not been there -- and counts it in the state's
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +21,8 @@ import optax
 PyTree = Any
 
 
-def skip_unless_finite(ok: jax.Array, out: PyTree, state: NamedTuple,
-                       new_state: NamedTuple) -> tuple[PyTree, NamedTuple]:
+def skip_unless_finite(ok: jax.Array, out: PyTree, state: Any,
+                       new_state: Any) -> tuple[PyTree, Any]:
   """``(out, new_state)`` where ``ok``; else a zero update and ``state``.
 
   A select on every leaf (never a blend: the NaN of the step not taken

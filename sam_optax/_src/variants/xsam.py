@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Unpack
+from typing import Any, Callable, NamedTuple, Optional, Unpack
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 
@@ -49,6 +50,11 @@ def alpha_grid(alpha_max: float, alpha_step: float) -> np.ndarray:
   """
   count = int(np.floor(alpha_max / alpha_step * (1 + 1e-6))) + 1
   return (np.arange(count, dtype=np.float64) * alpha_step).astype(np.float32)
+
+
+def _every(period: int) -> Callable[[Any], jax.Array]:
+  """``state -> bool``: whether the state's step count is a multiple."""
+  return lambda state: state.count % period == 0
 
 
 def _check_static_positive(owner: str, name: str, value: Any,
@@ -315,6 +321,5 @@ def xsam(
       combine=_combine(grid, probe_every, max_angle),
       agree={'alpha': 'same', 'probe_losses': 'same'},
       decide=_probe(grid, probe_batch_size) if probing else None,
-      decides=(lambda state: state.count % probe_every == 0) if probing
-      else None,
+      decides=_every(probe_every) if probing else None,
   )
