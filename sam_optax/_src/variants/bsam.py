@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import functools
 import numbers
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence, cast
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import optax
 
@@ -92,7 +93,7 @@ def _check_static(name, value):
   bound = _BOUNDS[name]
   if name == 'num_data' and _is_static(value) and (
       isinstance(value, bool) or not isinstance(value, numbers.Real)
-      or not 0 < value < float('inf')):
+      or not 0 < float(value) < float('inf')):
     raise ValueError(f'{_OWNER}: num_data must be a number > 0 (the size of'
                      f' the training set), got {value!r}.')
   validation.check_number(_OWNER, name, value,
@@ -447,7 +448,7 @@ def bsam(
   accepted = transformation.forwarded_names(loss_fn)
   constants = {name: _as_float32(value) for name, value in hyperparams.items()
                if name not in _SCHEDULABLE}
-  beta1, beta2, damping, n = (
+  beta1, beta2, damp, n = (
       constants[name] for name in ('beta1', 'beta2', 'damping', 'num_data'))
   delta = constants['prior_prec'] / n
 
@@ -481,10 +482,11 @@ def bsam(
     out = jax.tree.map(lambda m, si, u: (-lr * m / si).astype(u.dtype),
                        momentum, s, updates)
     precision = jax.tree.map(
-        lambda si, gs: beta2 * si + (1 - beta2) * (gs + damping + delta),
+        lambda si, gs: beta2 * si + (1 - beta2) * (gs + damp + delta),
         s, scaled)
     new_state = BSAMState(
-        count=optax.safe_increment(state.count),
+        # optax types it as any number; an int32 array in, one out.
+        count=cast(jax.Array, optax.safe_increment(state.count)),
         perturbed_loss=jnp.asarray(loss, jnp.float32), grad_norm=grad_norm,
         momentum=momentum, precision=precision,
         key=jax.random.key_data(key), skipped_steps=state.skipped_steps)
