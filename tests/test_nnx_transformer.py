@@ -173,3 +173,40 @@ def test_dropout_masks_same_in_both_passes_and_new_each_step():
     mask, next_mask = mlp_mask(before), mlp_mask(after)
     assert 0.6 < float(mask.mean()) < 0.95  # about 1 - DROPOUT kept
     assert np.any(np.asarray(mask != next_mask))
+
+
+def test_per_device_sam_inside_shard_map_on_8_devices():
+  mesh = jax.make_mesh((8,), ('batch',))
+  model = new_model()
+  optimizer = sam_optimizer(model, layout=sam_optax.PerDevice('batch'))
+  graphdef, state = nnx.split((model, optimizer))
+
+  def varying(x):
+    return 'batch' in jax.typeof(x).manual_axis_type.varying
+
+  def device_step(state, batch):
+    model, optimizer = nnx.merge(graphdef, state)
+    # Each device's own gradient: its parameters marked varying over 'batch'.
+    nnx.update(model, jax.lax.pcast(nnx.as_pure(nnx.state(model, nnx.Param)),
+                                    'batch', to='varying'))
+    value = sam_step(model, optimizer, batch)
+    new = nnx.as_pure(nnx.state((model, optimizer)))
+    spread = jax.lax.pmax(jnp.max(jnp.stack([
+        jnp.max(jnp.abs(x - jax.lax.pmean(x, 'batch')))
+        for x in jax.tree.leaves(new) if varying(x)])), 'batch')
+    new = jax.tree.map(
+        lambda x: jax.lax.pmean(x, 'batch') if varying(x) else x, new)
+    return new, jax.lax.pmean(value, 'batch'), spread
+
+  step = jax.jit(jax.shard_map(device_step, mesh=mesh,
+                               in_specs=(P(), P('batch')),
+                               out_specs=(P(), P(), P())))
+  state = jax.device_put(nnx.as_pure(state), NamedSharding(mesh, P()))
+  batch = jax.device_put(random_batch(0, 16), NamedSharding(mesh, P('batch')))
+  losses = []
+  for _ in range(5):
+    state, value, spread = step(state, batch)
+    losses.append(float(value))
+    # The all-reduced update keeps the device copies of the weights equal.
+    assert float(spread) < 1e-6
+  assert losses[-1] < losses[0] - 0.3, losses
