@@ -170,8 +170,7 @@ def _sam_where_the_gradient_is_large(
   return variant_lib.Variant(
       name='threshold_sam', hyperparams={'rho': rho}, state=_ThresholdState,
       combine=combine, agree={'sam_step': 'same'},
-      init=lambda params: _ThresholdState(
-          **variant_lib.initial_diagnostics(), sam_step=jnp.asarray(False)))
+      init=lambda params: dict(sam_step=jnp.asarray(False)))
 
 
 def test_a_threshold_takes_sam_where_its_score_is_nonnegative():

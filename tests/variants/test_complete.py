@@ -173,9 +173,9 @@ def test_the_old_coupled_spelling_warns_and_is_wsam():
 def test_wsam_bad_options_are_clear_errors():
   with pytest.raises(ValueError, match='do not pass base_optimizer'):
     sam_optax.wsam(quadratic, decouple=False, base_optimizer=optax.sgd(0.1))
-  with pytest.raises(ValueError, match='gamma must be < 1.0'):
+  with pytest.raises(ValueError, match=r'gamma must be in \[0, 1\), got 1'):
     sam_optax.wsam(quadratic, gamma=1.0)
-  with pytest.raises(ValueError, match='gamma must be < 1.0'):
+  with pytest.raises(ValueError, match=r'gamma must be in \[0, 1\), got 1'):
     sam_optax.decoupled_wsam(quadratic, optax.sgd(0.1), gamma=1.0)
   with pytest.raises(TypeError, match='base_optimizer must be an optax'):
     sam_optax.decoupled_wsam(quadratic, 0.1)

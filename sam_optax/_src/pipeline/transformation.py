@@ -267,8 +267,8 @@ class Pipeline:
     """The new state (count + 1, float32 diagnostics, own fields agreed).
 
     A ``'mean'`` field is the mean over the groups (and devices); a
-    ``'same'`` field is group 0's value, and whether every group held that
-    same value is returned with the state: a disagreement is a bug that
+    ``'same'`` field is the groups' common value, and whether every group
+    held that same value is returned with the state: a disagreement is a bug that
     makes the step non-finite (skipped), never a value silently picked.
     """
     means, others = iter(means), iter(others)
@@ -277,9 +277,8 @@ class Pipeline:
       if self.variant.agree[f] == 'mean':
         value = next(means)
       else:
-        stacked = next(others)
-        value = jax.tree.map(lambda x: x[0], stacked)
-        agreed = agreed & _all_groups_equal(stacked)
+        value, equal = _same_over_groups(next(others))
+        agreed = agreed & equal
       # A field may be a pytree (e.g. a momentum like the params).
       own.append(jax.tree.map(lambda v, s: v.astype(s.dtype), value,
                               getattr(state, f)))
@@ -338,15 +337,25 @@ class Pipeline:
         out, state, new_state, agreed & tree_math.all_finite(step.hyperparams))
 
 
-def _all_groups_equal(stacked: PyTree) -> jax.Array:
-  """Whether every group (leading axis) holds the same value."""
-  def equal(x):
-    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-      x = jax.random.key_data(x)
-    return jnp.all(x == x[:1])
-  return functools.reduce(jnp.logical_and, [
-      equal(x) for x in jax.tree.leaves(stacked)], jnp.asarray(True))
+def _same_over_groups(stacked: PyTree) -> tuple[PyTree, jax.Array]:
+  """A ``'same'`` field's value, and whether every group held it.
 
+  Reductions (max == min over the group axis), not indexing, so that it
+  also works on chunks laid over a mesh.
+  """
+  def one(x):
+    is_key = jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+    data = jax.random.key_data(x) if is_key else x
+    high, low = jnp.max(data, axis=0), jnp.min(data, axis=0)
+    value = (jax.random.wrap_key_data(high, impl=jax.random.key_impl(x))
+             if is_key else high)
+    return value, jnp.all(high == low)
+
+  pairs = jax.tree.map(one, stacked)
+  is_pair = lambda x: isinstance(x, tuple)
+  values = jax.tree.map(lambda pair: pair[0], pairs, is_leaf=is_pair)
+  equal = [pair[1] for pair in jax.tree.leaves(pairs, is_leaf=is_pair)]
+  return values, functools.reduce(jnp.logical_and, equal, jnp.asarray(True))
 
 def skip_if_not_finite(out: PyTree, state, new_state,
                        ok: jax.Array | bool = True):

@@ -273,7 +273,7 @@ class Variant:
     combine: ``Context -> Step``, the gradient handed on.
     agree: for each own state field, how the groups' values become one:
       ``'mean'`` or ``'same'`` (equal in every group by construction,
-      e.g. chosen from a ``decision``: group 0's value, no all-reduce; the
+      e.g. chosen from a ``decision``: that common value, no all-reduce; the
       pipeline checks that the groups agree, and a step where they do not
       is skipped as non-finite).
     decide: optional ``Context -> pytree of floats`` that every group
