@@ -25,6 +25,7 @@ def benchmarks_on_path():
 
 
 @pytest.mark.parametrize('name', SCRIPTS)
+@pytest.mark.slow
 def test_benchmark_runs_quick(name, tmp_path, monkeypatch):
   results = BENCHMARKS / 'results'
   before = {p: p.read_bytes() for p in results.glob('*.md')}

@@ -51,6 +51,7 @@ def site(tmp_path_factory):
   return folder, log
 
 
+@pytest.mark.slow
 def test_site_builds_without_warnings(site):
   folder, log = site
   warnings = [line for line in log.splitlines()
@@ -86,6 +87,7 @@ def test_every_public_name_has_a_reference_entry():
   assert not stale, f'docs/api/*.md documents names that are gone: {stale}'
 
 
+@pytest.mark.slow
 def test_reference_pages_render_docstrings_math_and_links(site):
   folder, _ = site
   text = (folder / 'api' / 'transformations' / 'index.html').read_text()
@@ -132,6 +134,7 @@ def test_rst_to_markdown_hook():
 
 # The site offline: formulas, signatures, nothing fetched at page view.
 
+@pytest.mark.slow
 def test_formulas_are_mathml_and_no_script_renders_them(site):
   folder, _ = site
   formulas = 0
@@ -147,6 +150,7 @@ def test_formulas_are_mathml_and_no_script_renders_them(site):
   assert '<mi>&#x003C1;</mi>' in rho or '<mi>\u03c1</mi>' in rho
 
 
+@pytest.mark.slow
 def test_pages_load_nothing_from_the_network(site):
   folder, _ = site
   external = re.compile(
@@ -169,6 +173,7 @@ COMMON_OPTIONS = ('ascent_steps', 'has_aux', 'perturbation_mask', 'layout',
                   'track_cosine')
 
 
+@pytest.mark.slow
 def test_signatures_show_every_parameter_wrapped(site):
   folder, _ = site
   page = (folder / 'api' / 'transformations' / 'index.html').read_text()
@@ -249,6 +254,7 @@ def test_home_page_blocks_run_and_match_the_readme():
     exec(compile(block, 'index.md', 'exec'), namespace)  # noqa: S102
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('page', GUIDE_PAGES, ids=lambda p: p.name)
 def test_guide_page_blocks_run(page, quickstart):
   namespace = dict(quickstart)

@@ -19,6 +19,9 @@ import sys
 import numpy as np
 import pytest
 
+# An artifact test: deselected by default, run by `-m slow` (and CI).
+pytestmark = pytest.mark.slow
+
 EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / 'examples'
 
 # Tiny flags per example; files not listed get ['--quick'].

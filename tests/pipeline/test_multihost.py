@@ -17,6 +17,10 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+
+# An artifact test: deselected by default, run by `-m slow` (and CI).
+pytestmark = pytest.mark.slow
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))  # the checkout

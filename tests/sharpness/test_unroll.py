@@ -14,6 +14,9 @@ import sam_optax
 from sam_optax import sharpness
 from sam_optax._src.sharpness import loops
 
+# An artifact test: deselected by default, run by `-m slow` (and CI).
+pytestmark = pytest.mark.slow
+
 
 def _mlp():
   k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
