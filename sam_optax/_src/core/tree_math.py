@@ -57,6 +57,17 @@ def _wide_leaves(a: PyTree) -> list:
   return [wide(x) for x in jax.tree.leaves(a)]
 
 
+def _plain_vdot(a: list, b: list) -> jax.Array:
+  return _vdot(a, b)
+
+
+def _rescaled_vdot(a: list, b: list) -> jax.Array:
+  scale_a, scale_b = _max_abs(a), _max_abs(b)
+  inner = _vdot(_scaled(a, scale_a), _scaled(b, scale_b))
+  finite = jnp.isfinite(scale_a) & jnp.isfinite(scale_b)
+  return jnp.where(finite, (scale_a * inner) * scale_b, _vdot(a, b))
+
+
 def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
   """<a, b> over all leaves, accumulated in float32 (or wider).
 
@@ -66,20 +77,39 @@ def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
   """
   jax.tree.map(lambda x, y: None, a, b)  # the same structure, or an error
   a, b = _wide_leaves(a), _wide_leaves(b)
-  plain = _vdot(a, b)
-
-  def rescaled():
-    scale_a, scale_b = _max_abs(a), _max_abs(b)
-    inner = _vdot(_scaled(a, scale_a), _scaled(b, scale_b))
-    finite = jnp.isfinite(scale_a) & jnp.isfinite(scale_b)
-    return jnp.where(finite, (scale_a * inner) * scale_b, plain)
-
-  return jax.lax.cond(_needs_rescaling(plain), rescaled, lambda: plain)
+  # Module-level branches: an eager call reuses the compiled lax.cond.
+  return jax.lax.cond(_needs_rescaling(_vdot(a, b)), _rescaled_vdot,
+                      _plain_vdot, a, b)
 
 
 def _needs_rescaling(value: jax.Array) -> jax.Array:
   magnitude = jnp.abs(value)
   return jnp.isinf(magnitude) | (magnitude < _TINY_SQUARES)
+
+
+def _sum_of_squares(leaves: list) -> jax.Array:
+  return sum((jnp.sum(jnp.square(x)) for x in leaves),
+             start=jnp.zeros([], ACCUMULATION_DTYPE))
+
+
+def _root(squares: jax.Array) -> jax.Array:
+  """sqrt with derivative 0 at 0 (the double where keeps both sides finite)."""
+  positive = squares > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, squares, 1.0)),
+                   squares)
+
+
+def _plain_norm(leaves: list, squares: jax.Array) -> jax.Array:
+  del leaves
+  return _root(squares)
+
+
+def _rescaled_norm(leaves: list, squares: jax.Array) -> jax.Array:
+  del squares
+  scale = _max_abs(leaves)
+  norm = scale * _root(_sum_of_squares(_scaled(leaves, scale)))
+  # An infinite entry: the norm is inf; a NaN entry: NaN.
+  return jnp.where(jnp.isfinite(scale), norm, scale)
 
 
 def tree_sum_of_squares(a: PyTree) -> jax.Array:
@@ -96,29 +126,13 @@ def tree_norm(a: PyTree) -> jax.Array:
   fits (an infinite entry gives inf, a NaN stays NaN).
 
   Safe to differentiate at zero: the derivative of the norm of a zero vector
-  is taken as 0, not the NaN of ``sqrt``'s infinite slope (the double
-  ``where`` keeps the unused branch finite too).
+  is taken as 0, not the NaN of ``sqrt``'s infinite slope.
   """
   leaves = _wide_leaves(a)
-  squares = sum((jnp.sum(jnp.square(x)) for x in leaves),
-                start=jnp.zeros([], ACCUMULATION_DTYPE))
-
-  def plain():
-    positive = squares > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, squares, 1.0)),
-                     squares)
-
-  def rescaled():
-    scale = _max_abs(leaves)
-    inner = sum((jnp.sum(jnp.square(x)) for x in _scaled(leaves, scale)),
-                start=jnp.zeros([], ACCUMULATION_DTYPE))
-    positive = inner > 0
-    norm = scale * jnp.where(positive,
-                             jnp.sqrt(jnp.where(positive, inner, 1.0)), 0.0)
-    # An infinite entry: the norm is inf; a NaN entry: NaN.
-    return jnp.where(jnp.isfinite(scale), norm, scale)
-
-  return jax.lax.cond(_needs_rescaling(squares), rescaled, plain)
+  squares = _sum_of_squares(leaves)
+  # Module-level branches: an eager call reuses the compiled lax.cond.
+  return jax.lax.cond(_needs_rescaling(squares), _rescaled_norm, _plain_norm,
+                      leaves, squares)
 
 
 def safe_inverse(x: jax.Array) -> jax.Array:
