@@ -90,9 +90,9 @@ def configs(total_steps, num_data):
       'XSAM': (front(sam_optax.xsam), 2, 'XSAM > SAM'),
       'GSAM': (front(sam_optax.gsam), 2, 'GSAM > SAM'),
       'WSAM coupled gamma=0.75': (front(lambda l: sam_optax.wsam(
-          l, gamma=0.75, decouple=False)), 2, 'WSAM > SAM'),
-      'WSAM decoupled': (lambda l: sam_optax.wsam(
-          l, base_optimizer=sgd(total_steps), learning_rate=lr), 2,
+          l, gamma=0.75)), 2, 'WSAM > SAM'),
+      'WSAM decoupled': (lambda l: sam_optax.decoupled_wsam(
+          l, sgd(total_steps), learning_rate=lr), 2,
                          'WSAM > SAM'),
       'Friendly SAM': (front(sam_optax.friendly_sam), 2, 'F-SAM > SAM'),
       'VaSSO': (front(sam_optax.vasso), 2, 'VaSSO > SAM'),

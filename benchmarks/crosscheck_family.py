@@ -164,9 +164,9 @@ def jax_run(case, hp, data, dtype, steps=STEPS):
   if case == 'gsam':
     tx = optax.chain(sam_optax.gsam(loss_fn, **hp), sgd)
   elif case == 'wsam_coupled':
-    tx = optax.chain(sam_optax.wsam(loss_fn, decouple=False, **hp), sgd)
+    tx = optax.chain(sam_optax.wsam(loss_fn, **hp), sgd)
   elif case == 'wsam_decoupled':
-    tx = sam_optax.wsam(loss_fn, base_optimizer=sgd, learning_rate=LR, **hp)
+    tx = sam_optax.decoupled_wsam(loss_fn, sgd, learning_rate=LR, **hp)
   elif case == 'looksam_per_tensor':
     tx = optax.chain(sam_optax.looksam(loss_fn, per_tensor=True, **hp), sgd)
   else:
