@@ -97,7 +97,8 @@ def transformation(factory: Callable[P, Variant]) -> Factory[P]:
   pipeline (`build`). The public factory's signature, for Python and for
   type checkers, is the factory's with ``loss_fn`` first and the options
   spelled out; its arguments typed `ScalarOrSchedule` are recorded for
-  `inject_hyperparams`.
+  `inject_hyperparams`. The variant is named after the factory (its
+  ``__name__``, the public name) unless it declares a name of its own.
   """
   signature = inspect.signature(factory)
   own = list(signature.parameters.values())
@@ -111,7 +112,8 @@ def transformation(factory: Callable[P, Variant]) -> Factory[P]:
              **kwargs: P.kwargs) -> optax.GradientTransformationExtraArgs:
     options: dict[str, Any] = {
         p.name: kwargs.pop(p.name) for p in _COMMON if p.name in kwargs}
-    return build(factory(*args, **kwargs), loss_fn, **options)
+    return build(factory(*args, **kwargs).named(factory.__name__), loss_fn,
+                 **options)
 
   functools.update_wrapper(public, factory)
   public.__signature__ = signature.replace(
@@ -383,6 +385,10 @@ def build(variant: Variant, loss_fn: LossFn, *, ascent_steps: int = 1,
           layout: layouts.Layout = None, track_cosine: bool = False
           ) -> optax.GradientTransformationExtraArgs:
   """The `optax.GradientTransformationExtraArgs` that runs ``variant``."""
+  if not variant.name:
+    raise TypeError(
+        'A Variant built outside @transformation.transformation needs a'
+        " name: pass name='...' (the public name, used in error messages).")
   ascent_steps = _check_options(variant, loss_fn, ascent_steps, has_aux,
                                 perturbation_mask, layout, track_cosine)
   pipeline = Pipeline(

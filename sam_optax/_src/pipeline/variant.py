@@ -260,7 +260,6 @@ class Variant:
   """A sharpness-aware method, as the pieces the pipeline runs.
 
   Attributes:
-    name: the public name (used in error messages).
     hyperparams: name -> number or schedule, evaluated every step on the
       state's ``count``; must include ``'rho'``.
     state: the state's NamedTuple class; its first fields are ``count``,
@@ -289,9 +288,12 @@ class Variant:
       ``rho == 0`` -- the variant's own gradient at ``w + 0`` is then the
       base optimizer's input -- so under `jax.jit` XLA removes the caller's
       clean gradient and the step costs one gradient.
+    name: the public name, used in error messages. The decorator
+      (`transformation.transformation`) sets it to the factory's name, so a
+      variant declares it only where the two differ; the declaration is
+      checked once it has a name.
   """
 
-  name: str
   hyperparams: Mapping[str, ScalarOrSchedule]
   state: type
   init: Callable[[PyTree], Mapping[str, Any]] = lambda params: {}
@@ -303,6 +305,11 @@ class Variant:
   decides: Optional[Callable[[Any], jax.Array]] = None  # on `state`
   bounds: Mapping[str, Bound] = dataclasses.field(default_factory=dict)
   uses_clean_grad: bool = True
+  name: str = ''
+
+  def named(self, name: str) -> 'Variant':
+    """This variant with ``name`` as its name, unless it declares its own."""
+    return self if self.name else dataclasses.replace(self, name=name)
 
   def initial_state(self, params: PyTree) -> NamedTuple:
     """The state at init: the common fields (count 0, zero diagnostics)
@@ -310,6 +317,8 @@ class Variant:
     return self.state(**initial_diagnostics(), **self.init(params))
 
   def __post_init__(self):
+    if not self.name:  # checked when `named` gives it the factory's name
+      return
     fields = tuple(self.state._fields)
     if fields[:4] != COMMON_FIELDS:
       raise TypeError(f'{self.name}: the state must start with the fields'

@@ -148,7 +148,7 @@ def ae_sam(
       raise TypeError(f'ae_sam: {name} must be a number, got {value!r}.')
   zero = jnp.zeros([], jnp.float32)
   return variant_lib.Variant(
-      name='ae_sam', hyperparams={'rho': rho, 'delta': delta},
+      hyperparams={'rho': rho, 'delta': delta},
       bounds={'delta': variant_lib.UNIT},
       state=AESAMState, decide=_squared_norm,
       combine=_combine(total_steps, float(c_start), float(c_end)),

@@ -80,5 +80,5 @@ def asam(
     return directions.adaptive_direction(grad, scale)
 
   return variant_lib.Variant(
-      name='asam', hyperparams={'rho': rho, 'eta': eta},
+      hyperparams={'rho': rho, 'eta': eta},
       state=sam_lib.SAMState, direction=direction)

@@ -192,7 +192,7 @@ def esam(
     batch_argnames = tuple(batch_argnames)
   zero = jnp.zeros([], jnp.float32)
   return variant_lib.Variant(
-      name='esam', hyperparams={'rho': rho, 'beta': beta}, state=ESAMState,
+      hyperparams={'rho': rho, 'beta': beta}, state=ESAMState,
       combine=_make_combine(gamma, batch_argnames), bounds={'beta': variant_lib.Bound(high=1.0, low_open=True)},
       agree={'sam_step': 'same', 'key': 'same', 'sharpness': 'mean',
              'selected_sharpness': 'mean'},

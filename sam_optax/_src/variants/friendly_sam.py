@@ -107,7 +107,6 @@ def friendly_sam(
     nblt/F-SAM).
   """
   return variant_lib.Variant(
-      name='friendly_sam',
       hyperparams={'rho': rho, 'sigma': sigma, 'lmbda': lmbda},
       bounds={'lmbda': variant_lib.UNIT},
       state=FriendlySAMState, combine=_combine, agree={'momentum': 'mean'},

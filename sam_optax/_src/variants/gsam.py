@@ -113,5 +113,5 @@ def gsam(
   """
   validation.check_bool('gsam', 'minimize_fp', minimize_fp)
   return variant_lib.Variant(
-      name='gsam', hyperparams={'rho': rho, 'alpha': alpha},
+      hyperparams={'rho': rho, 'alpha': alpha},
       state=sam_lib.SAMState, combine=_combine(minimize_fp))

@@ -215,7 +215,7 @@ def looksam(
   start = validation.check_static_int('looksam', 'start', start, minimum=0)
   validation.check_bool('looksam', 'per_tensor', per_tensor)
   return variant_lib.Variant(
-      name='looksam', hyperparams={'rho': rho, 'alpha': alpha},
+      hyperparams={'rho': rho, 'alpha': alpha},
       state=LookSAMState, combine=_combine(cheap.every(k, start), per_tensor),
       agree={'sam_step': 'same', 'g_v': 'mean'},
       init=lambda params: dict(

@@ -100,7 +100,7 @@ def msam(
     (authors' code: MarlonBecker/MSAM).
   """
   return variant_lib.Variant(
-      name='msam', hyperparams={'rho': rho, 'beta': beta}, state=MSAMState,
+      hyperparams={'rho': rho, 'beta': beta}, state=MSAMState,
       bounds={'beta': variant_lib.UNIT},
       combine=_combine, uses_clean_grad=False,
       agree={'sam_step': 'same', 'momentum': 'mean'},

@@ -122,7 +122,7 @@ def random_sam(
   seed = validation.check_static_int('random_sam', 'seed', seed, minimum=0)
   when = cheap.coin('p') if interval is None else cheap.every(interval)
   return variant_lib.Variant(
-      name='random_sam', hyperparams={'rho': rho, 'p': p},
+      hyperparams={'rho': rho, 'p': p},
       bounds={'p': variant_lib.UNIT},
       state=RandomSAMState, combine=_combine(when, interval, scale_rho),
       agree={'sam_step': 'same', 'key': 'same'},

@@ -102,4 +102,4 @@ def sam(
     (authors' code: google-research/sam).
   """
   return variant_lib.Variant(
-      name='sam', hyperparams={'rho': rho}, state=SAMState)
+      hyperparams={'rho': rho}, state=SAMState)

@@ -98,7 +98,7 @@ def vasso(
     code: BingcongLi/VaSSO).
   """
   return variant_lib.Variant(
-      name='vasso', hyperparams={'rho': rho, 'theta': theta},
+      hyperparams={'rho': rho, 'theta': theta},
       bounds={'theta': variant_lib.UNIT},
       state=VaSSOState, combine=_combine, agree={'direction': 'mean'},
       init=lambda params: dict(

@@ -143,6 +143,6 @@ def wsam(
   """
   check_gamma('wsam', gamma)
   return variant_lib.Variant(
-      name='wsam', hyperparams={'rho': rho, 'gamma': gamma},
+      hyperparams={'rho': rho, 'gamma': gamma},
       bounds={'gamma': variant_lib.BELOW_ONE},
       state=sam_lib.SAMState, combine=_weighted_gradient)

@@ -313,7 +313,6 @@ def xsam(
 
   probing = probe_every is not None
   return variant_lib.Variant(
-      name=owner,
       hyperparams={'rho': rho, 'rho_max': rho_max, 'alpha': alpha},
       bounds={'rho_max': variant_lib.POSITIVE},
       state=XSAMState,
