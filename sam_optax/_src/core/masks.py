@@ -11,7 +11,7 @@ import jax.core
 import numpy as np
 
 from sam_optax._src.core import directions
-from sam_optax._src.core import validation
+from sam_optax._src.core import param_leaves
 
 PyTree = Any
 
@@ -200,7 +200,7 @@ def perturbed_leaves(owner: str, mask: Optional[directions.LeafMask]
           user = given
     resolved = directions.resolve_mask(owner, 'perturbation_mask', user,
                                        params)
-    return jax.tree.map(lambda keep, p: keep and validation.is_float_leaf(p),
+    return jax.tree.map(lambda keep, p: keep and param_leaves.is_float_leaf(p),
                         resolved, params)
 
   return chosen

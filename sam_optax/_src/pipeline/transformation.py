@@ -33,6 +33,7 @@ import optax
 from sam_optax._src.core import directions
 from sam_optax._src.core import inject
 from sam_optax._src.core import masks
+from sam_optax._src.core import param_leaves
 from sam_optax._src.core import tree_math
 from sam_optax._src.core import validation
 from sam_optax._src.pipeline import groups
@@ -322,7 +323,7 @@ class Pipeline:
         directions.resolve_mask(owner, 'perturbation_mask',
                                 self.perturbation_mask, params))
     batch = groups.Batch(owner, updates, params, loss_kwargs,
-                         validation.value_and_grad(self.scalar_loss),
+                         param_leaves.value_and_grad(self.scalar_loss),
                          self.scalar_loss)
     step = _Step(batch, state, evaluate(self.variant, state.count), mask)
     decision, decided = self.decide(step)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from sam_optax._src.core import collectives
+from sam_optax._src.core import loss_calls
 from sam_optax._src.core import validation
 from sam_optax._src.pipeline import layouts
 
@@ -100,7 +101,7 @@ def check_layout(owner: str, layout: Any) -> layouts.Layout:
 
 def check_loss_output(owner: str, out: Any, has_aux: bool) -> Any:
   """The loss from loss_fn's output; a helper's fix is ``has_aux=`` of it."""
-  return validation.check_loss_output(
+  return loss_calls.check_loss_output(
       owner, out, has_aux, fix=f'pass has_aux={{}} to {owner}')
 
 
