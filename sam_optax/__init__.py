@@ -16,7 +16,7 @@ from sam_optax._src.core.schedules import rho_proportional_to_lr
 from sam_optax._src.core.validation import ScalarOrSchedule
 from sam_optax._src.pipeline.layouts import Chunks
 from sam_optax._src.pipeline.layouts import PerDevice
-from sam_optax._src.pipeline.transformation import IgnoredKeywordWarning
+from sam_optax._src.pipeline.update import IgnoredKeywordWarning
 from sam_optax._src.variants.asam import asam
 from sam_optax._src.variants.ae_sam import AESAMState
 from sam_optax._src.variants.ae_sam import ae_sam
