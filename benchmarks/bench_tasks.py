@@ -1,0 +1,733 @@
+"""The benchmark study: every variant on four real tasks, SAM at its best rho.
+
+Each task is a file of benchmarks/tasks/ (see tasks/protocol.py: a task owns
+its data, model and metric); this runner owns the optimizers, the seeds, the
+training loop, the timing, the tables and the figures. Three stages per
+task:
+
+- ``lr``: the base optimizer over the task's ``lr_grid``, validation split
+  (a table; the task's ``learning_rate`` stays as the task file sets it).
+- ``rho``: SAM over the task's ``rho_grid`` and the base, validation split;
+  the best rho is the best mean validation metric.
+- ``main``: test split; the base, SAM at the best rho, every variant at its
+  documented defaults and with rho from SAM's best rho (in the variant's
+  own convention, ``RHO_SCALE``), decoupled WSAM, bSAM, and SAM-ON where the
+  model has normalization layers (``CONFIGS``).
+
+Training: one jitted function per (task, configuration) runs ``lax.scan``
+over a chunk of steps; the seed's parameters, optimizer state, step index,
+key and data are its inputs, so one compile serves every seed. Within a
+seed, every configuration trains side by side in one process, one chunk
+each in turn (round-robin, the first configuration rotating); the first
+chunk of each seed is an untimed warm-up (it compiles). x base is the
+median over the timed rounds of a configuration's chunk time over the
+base's in the same round. No run is wrapped in ``apply_if_finite``: a
+non-finite metric is a diverged run, counted and reported as such.
+
+  python benchmarks/bench_tasks.py                       # the whole study
+  python benchmarks/bench_tasks.py --tasks noisy-cnn --stage main
+  python benchmarks/bench_tasks.py --quick               # tiny; prints only
+  python benchmarks/bench_tasks.py --replot              # PNGs from tasks.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib
+import inspect
+import json
+import math
+import pathlib
+import statistics
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+HERE = pathlib.Path(__file__).resolve().parent
+for _path in (HERE.parent, HERE.parent / 'examples', HERE / 'tasks', HERE):
+  if str(_path) not in sys.path:
+    sys.path.insert(0, str(_path))
+
+import _common  # noqa: E402
+import sam_optax  # noqa: E402
+
+TASKS = ('noisy-cnn', 'clean-lowdata', 'vit-digits', 'char-lm')
+STAGES = ('lr', 'rho', 'main')
+RESULTS = pathlib.Path(_common.RESULTS_DIR)
+JSON_PATH = RESULTS / 'tasks.json'
+MD_PATH = RESULTS / 'tasks.md'
+MOMENTUM = 0.9
+TARGET_CHUNKS = 10  # chunks per run: the timing's rounds (first untimed)
+KEEP, AT_MOST = 90.0, 1.25  # the moonshot: keep >= 90 % of SAM's gain at
+# <= 1.25x the base optimizer's time per step, on every task.
+
+# The 13 transformations, in the order of the tables.
+VARIANTS = ('sam', 'asam', 'xsam', 'gsam', 'wsam', 'friendly_sam', 'vasso',
+            'looksam', 'random_sam', 'ae_sam', 'esam', 'msam', 'bsam')
+# SAM's radius in a variant's own convention: ASAM's radius is relative to
+# the weights (default 0.5 against SAM's 0.05), MSAM's follows the momentum
+# (default 1.0, a descent direction): the best SAM rho times this.
+RHO_SCALE = {'asam': 10.0, 'msam': 20.0}
+# Nominal gradient evaluations per step (forward passes not counted). ESAM:
+# its default gamma=0.5 re-gradient on half the batch, plus two forward
+# passes; LookSAM without total_steps: SAM from step 0 every k=8 steps;
+# random_sam: SAM with probability p=0.5; AE-SAM: adaptive, at most 2 (the
+# measured share of SAM steps is in the tables).
+# Not a default, but needed: ESAM's data selection splits the per-example
+# arguments, and its default guess (every array with a leading dimension)
+# would split the dropout key and the BatchNorm statistics too.
+ESAM_BATCH_ARGNAMES = ('batch',)
+GRADIENTS = {'sam': 2, 'asam': 2, 'xsam': 2, 'gsam': 2, 'wsam': 2,
+             'friendly_sam': 2, 'vasso': 2, 'looksam': 1 + 1 / 8,
+             'random_sam': 1.5, 'ae_sam': 2, 'esam': 1.5, 'msam': 1,
+             'bsam': 2, 'decoupled_wsam': 2}
+
+
+@dataclasses.dataclass
+class Setup:
+  """What a configuration's builder may use."""
+  task: Any
+  size: str
+  steps: int
+  learning_rate: float
+  best_rho: Optional[float]
+
+  @property
+  def loss(self):
+    return self.task.loss
+
+  def schedule(self, peak=None):
+    """The base optimizer's learning-rate schedule, from ``peak``."""
+    peak = self.learning_rate if peak is None else peak
+    if self.task.base == 'sgd':
+      return optax.cosine_decay_schedule(peak, self.steps)
+    warmup = int(self.task.warmup_fraction * self.steps)
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, self.steps)
+
+  def base(self):
+    if self.task.base == 'sgd':
+      return optax.sgd(self.schedule(), momentum=MOMENTUM)
+    return optax.adamw(self.schedule(), weight_decay=self.task.weight_decay)
+
+  def front(self, transformation):
+    """A sharpness-aware transformation chained in front of the base."""
+    return optax.chain(transformation, self.base())
+
+  def variant(self, name, **kwargs):
+    """``name`` at its defaults but ``kwargs``, as a complete optimizer."""
+    if name == 'bsam':
+      peak = (self.learning_rate / (1 - MOMENTUM) if self.task.base == 'sgd'
+              else self.learning_rate)
+      return sam_optax.bsam(self.loss, learning_rate=self.schedule(peak),
+                            num_data=self.task.num_data[self.size],
+                            has_aux=True, **kwargs)
+    if name == 'esam':
+      kwargs = {'batch_argnames': ESAM_BATCH_ARGNAMES, **kwargs}
+    if name == 'decoupled_wsam':
+      return sam_optax.decoupled_wsam(self.loss, self.base(),
+                                      learning_rate=self.schedule(),
+                                      has_aux=True, **kwargs)
+    return self.front(getattr(sam_optax, name)(self.loss, has_aux=True,
+                                               **kwargs))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """One row of the main table."""
+  name: str
+  make: Callable[[Setup], optax.GradientTransformation]
+  gradients: float
+  takes_params: bool = False  # evaluates its own gradients (bSAM)
+
+
+def default_rho(name):
+  fn = getattr(sam_optax, name)
+  return float(inspect.signature(fn).parameters['rho'].default)
+
+
+def variant_configs(best_rho):
+  """Each variant at its defaults, and at SAM's best rho in its convention."""
+  rows = []
+  for name in VARIANTS + ('decoupled_wsam',):
+    grads, own = GRADIENTS[name], name == 'bsam'
+    rows.append(Config(name, lambda s, n=name: s.variant(n), grads, own))
+    rho = best_rho * RHO_SCALE.get(name, 1.0)
+    if name != 'sam' and not math.isclose(rho, default_rho(name)):
+      rows.append(Config(f'{name} rho={rho:g}',
+                         lambda s, n=name, r=rho: s.variant(n, rho=r), grads,
+                         own))
+  return rows
+
+
+def configs(best_rho, has_norm):
+  """The main stage's configurations (the moonshot goes here, one line)."""
+  rows = [
+      Config('base', lambda s: s.base(), 1),
+      Config('SAM', lambda s: s.variant('sam', rho=best_rho), 2),
+      *variant_configs(best_rho),
+  ]
+  if has_norm:
+    rows.append(Config('SAM-ON', lambda s: s.variant(
+        'sam', rho=best_rho, perturbation_mask=sam_optax.normalization_mask),
+                       2))
+  return rows
+
+
+def load_task(name):
+  return importlib.import_module(name.replace('-', '_')).TASK
+
+
+def has_normalization(params):
+  try:
+    sam_optax.normalization_mask(params)
+  except ValueError:
+    return False
+  return True
+
+
+def _sam_step(state):
+  """The ``sam_step`` flag of a (chained) optimizer state, or None."""
+  found = []
+
+  def visit(node):
+    if hasattr(node, '_fields') and 'sam_step' in node._fields:
+      found.append(node.sam_step)
+      return True
+    return False
+
+  jax.tree_util.tree_map(lambda _: None, state, is_leaf=visit)
+  return found[0] if found else None
+
+
+def chunk_fn(task, tx, takes_params, size, length):
+  """jit(params, model_state, opt_state, t, key, data) after ``length`` steps.
+
+  Returns ``(params, model_state, opt_state, t + length, sam_steps)``;
+  ``sam_steps`` counts the steps whose state says ``sam_step`` (-1 when the
+  optimizer has no such flag). ``takes_params``: the optimizer evaluates
+  its own gradients and is handed ``params`` for their structure; the
+  model state then comes from a forward pass.
+  """
+  value_and_grad = jax.value_and_grad(task.loss, has_aux=True)
+
+  def step(data, key_train, carry, _):
+    params, model_state, opt_state, t, sam_steps = carry
+    key = jax.random.fold_in(key_train, t)
+    batch = task.sample_batch(data, key, size)
+    kwargs = dict(batch=batch, model_state=model_state, key=key)
+    if takes_params:
+      grads = params
+      new_model_state = (task.loss(params, **kwargs)[1]
+                         if jax.tree_util.tree_leaves(model_state)
+                         else model_state)
+    else:
+      (_, new_model_state), grads = value_and_grad(params, **kwargs)
+    updates, opt_state = tx.update(grads, opt_state, params, **kwargs)
+    flag = _sam_step(opt_state)
+    sam_steps = sam_steps + (jnp.int32(-1) if flag is None
+                             else jnp.asarray(flag, jnp.int32))
+    return (optax.apply_updates(params, updates), new_model_state, opt_state,
+            t + 1, sam_steps), None
+
+  @jax.jit
+  def chunk(params, model_state, opt_state, t, key_train, data):
+    carry = (params, model_state, opt_state, t, jnp.int32(0))
+    carry, _ = jax.lax.scan(lambda c, x: step(data, key_train, c, x), carry,
+                            None, length=length)
+    return carry
+
+  return chunk
+
+
+def chunk_lengths(steps):
+  """Chunks of equal length (a divisor of ``steps`` near TARGET_CHUNKS),
+  else equal chunks and a shorter last one (untimed)."""
+  if steps < 2:
+    raise ValueError(f'a task needs >= 2 steps to be timed, got {steps}.')
+  divisors = [n for n in range(2, 4 * TARGET_CHUNKS + 1) if steps % n == 0]
+  if divisors:
+    n = min(divisors, key=lambda n: abs(n - TARGET_CHUNKS))
+    return [steps // n] * n
+  length = math.ceil(steps / TARGET_CHUNKS)
+  return [length] * (steps // length) + [steps % length] * bool(steps % length)
+
+
+class Progress:
+  """One progress line on stderr: tqdm if it is installed, else prints."""
+
+  def __init__(self, total, desc, enabled):
+    self.bar, self.count, self.total, self.desc = None, 0, total, desc
+    self.enabled = enabled
+    if enabled:
+      try:
+        import tqdm  # pylint: disable=g-import-not-at-top
+        self.bar = tqdm.tqdm(total=total, desc=desc, file=sys.stderr,
+                             leave=False)
+      except ImportError:
+        pass
+
+  def update(self, note=''):
+    self.count += 1
+    if self.bar is not None:
+      self.bar.set_postfix_str(note, refresh=False)
+      self.bar.update()
+    elif self.enabled and (self.count % max(1, self.total // 20) == 0
+                           or self.count == self.total):
+      print(f'{self.desc}: {self.count}/{self.total} {note}', file=sys.stderr,
+            flush=True)
+
+  def close(self):
+    if self.bar is not None:
+      self.bar.close()
+
+
+def train_side_by_side(task, size, steps, rows, setup, seeds, split,
+                       progress=True, label=''):
+  """Every configuration of ``rows``, seed after seed, round-robin.
+
+  Returns ``{name: {'metric': [per seed], 'seconds': [per timed round],
+  'ratio': [to rows[0] per timed round], 'sam_steps': [per seed]}}``.
+  """
+  lengths = chunk_lengths(steps)
+  txs = {r.name: r.make(setup) for r in rows}
+  txs = {n: (tx if isinstance(tx, optax.GradientTransformationExtraArgs)
+             else optax.with_extra_args_support(tx)) for n, tx in txs.items()}
+  fns = {(r.name, n): chunk_fn(task, txs[r.name], r.takes_params, size, n)
+         for r in rows for n in set(lengths)}
+  names = [r.name for r in rows]
+  out = {n: {'metric': [], 'seconds': [], 'ratio': [], 'sam_steps': []}
+         for n in names}
+  bar = Progress(len(seeds) * len(lengths) * len(names),
+                 f'{task.name} {label}'.strip(), progress)
+  for seed in seeds:
+    data = jax.tree_util.tree_map(jnp.asarray, task.load(size, seed))
+    key_init, key_train = jax.random.split(jax.random.PRNGKey(seed))
+    params, model_state = task.init(key_init, size)
+    runs = {n: [params, model_state, txs[n].init(params), jnp.int32(0),
+                jnp.int32(0)] for n in names}
+    for i, length in enumerate(lengths):
+      shift = i % len(names)
+      times = {}
+      for name in names[shift:] + names[:shift]:
+        run = runs[name]
+        start = time.perf_counter()
+        *run[:4], count = fns[name, length](*run[:4], key_train, data)
+        jax.block_until_ready(run)
+        times[name] = time.perf_counter() - start
+        run[4] = run[4] + count
+        bar.update(f'seed {seed} chunk {i + 1}/{len(lengths)} {name}')
+      if i > 0 and length == lengths[0]:
+        for name in names:
+          out[name]['seconds'].append(times[name] / length)
+          out[name]['ratio'].append(times[name] / times[names[0]])
+    for name in names:
+      params_n, model_state_n = runs[name][:2]
+      value = float(task.metric(params_n, model_state_n, data, split, size))
+      out[name]['metric'].append(value)
+      count = int(runs[name][4])
+      out[name]['sam_steps'].append(count / steps if count >= 0 else None)
+  bar.close()
+  return out
+
+
+# ----------------------------------------------------------------- numbers
+
+
+def finite(values):
+  return [v for v in values if v is not None and math.isfinite(v)]
+
+
+def mean_std(values):
+  """Mean and sample std; NaN when any run diverged (non-finite)."""
+  if len(finite(values)) < len(values) or not values:
+    return math.nan, math.nan
+  std = statistics.stdev(values) if len(values) > 1 else 0.0
+  return statistics.fmean(values), std
+
+
+def gain_kept(values, base_mean, sam_mean):
+  """Per seed, in %: (v - base) / (SAM - base); NaN if SAM gained nothing."""
+  gain = sam_mean - base_mean
+  if not math.isfinite(gain) or gain == 0:
+    return [math.nan] * len(values)
+  return [100 * (v - base_mean) / gain for v in values]
+
+
+def best_rho(rho_runs, higher_is_better):
+  """The rho of the best mean validation metric (a diverged rho never)."""
+  scored = {rho: mean_std(v)[0] for rho, v in rho_runs.items()}
+  scored = {r: m for r, m in scored.items() if math.isfinite(m)}
+  if not scored:
+    raise RuntimeError('SAM diverged at every rho of the grid; no best rho.')
+  pick = max if higher_is_better else min
+  return pick(scored, key=scored.get)
+
+
+def sam_improves(base_mean, sam_mean, higher_is_better):
+  diff = sam_mean - base_mean
+  return diff > 0 if higher_is_better else diff < 0
+
+
+def summarize_main(main, higher_is_better):
+  """Mean, std, gain kept, x base, ms/step of every main configuration."""
+  base = mean_std(main['base']['metric'])[0]
+  sam = mean_std(main['SAM']['metric'])[0]
+  rows = {}
+  for name, r in main.items():
+    mean, std = mean_std(r['metric'])
+    kept = gain_kept(r['metric'], base, sam)
+    kept_mean, kept_std = mean_std(kept)
+    shares = [s for s in r.get('sam_steps', []) if s is not None]
+    rows[name] = {
+        'mean': mean, 'std': std, 'metric': r['metric'],
+        'kept': kept_mean, 'kept_std': kept_std,
+        'x_base': (statistics.median(r['ratio']) if r['ratio']
+                   else math.nan),
+        'ms': (1e3 * statistics.median(r['seconds']) if r['seconds']
+               else math.nan),
+        'gradients': r['gradients'],
+        'sam_share': statistics.fmean(shares) if shares else None,
+        'diverged': len(r['metric']) - len(finite(r['metric'])),
+    }
+  rows['SAM']['improves'] = sam_improves(base, sam, higher_is_better)
+  return rows
+
+
+# ----------------------------------------------------------------- tables
+
+
+def _f(value, digits=2):
+  return 'diverged' if not math.isfinite(value) else f'{value:.{digits}f}'
+
+
+def _seeds(values):
+  return ' '.join('NaN' if not math.isfinite(v) else f'{v:.2f}'
+                  for v in values)
+
+
+def sweep_table(runs, key_name):
+  lines = [f'| {key_name} | validation metric (mean ± std) | per seed |',
+           '|---|---|---|']
+  for key, values in runs.items():
+    mean, std = mean_std(values)
+    cell = (f'{_f(mean)} ± {_f(std)}' if math.isfinite(mean) else
+            f'diverged on {len(values) - len(finite(values))} of'
+            f' {len(values)} seeds')
+    lines.append(f'| {key} | {cell} | {_seeds(values)} |')
+  return '\n'.join(lines)
+
+
+def main_table(rows):
+  lines = ['| configuration | test metric (mean ± std) | per seed |'
+           ' gain kept % (mean ± std) | x base (time / step) | ms / step |'
+           ' gradients / step (nominal) | SAM steps (measured) |',
+           '|---|---|---|---|---|---|---|---|']
+  for name, r in rows.items():
+    metric = (f"{_f(r['mean'])} ± {_f(r['std'])}" if not r['diverged'] else
+              f"diverged on {r['diverged']} of {len(r['metric'])} seeds")
+    kept = (f"{r['kept']:.0f} ± {r['kept_std']:.0f}"
+            if math.isfinite(r['kept']) else 'n/a')
+    share = '' if r['sam_share'] is None else f"{100 * r['sam_share']:.0f} %"
+    lines.append(
+        f"| {name} | {metric} | {_seeds(r['metric'])} | {kept} |"
+        f" {_f(r['x_base'])} | {_f(r['ms'])} | {r['gradients']:.3g} |"
+        f' {share} |')
+  return '\n'.join(lines)
+
+
+def moonshot_ok(cells):
+  """A configuration keeps >= KEEP % at <= AT_MOST x base on every task."""
+  return bool(cells) and all(
+      c is not None and math.isfinite(c['kept']) and c['kept'] >= KEEP
+      and c['x_base'] <= AT_MOST for c in cells)
+
+
+def summary_table(summaries):
+  """Rows: configurations; columns: tasks; cells: gain kept %, x base."""
+  tasks = list(summaries)
+  names = []
+  for rows in summaries.values():
+    names += [n for n in rows if n not in names]
+  lines = ['| configuration | ' + ' | '.join(tasks) + ' | keeps >= 90 % at'
+           ' <= 1.25x on every task |', '|---|' + '---|' * (len(tasks) + 1)]
+  for name in names:
+    cells = [summaries[t].get(name) for t in tasks]
+    text = []
+    for c in cells:
+      if c is None:
+        text.append('-')
+      else:
+        kept = f"{c['kept']:.0f} %" if math.isfinite(c['kept']) else 'n/a'
+        text.append(f"{kept}, {_f(c['x_base'])}x")
+    mark = ('**yes**' if name not in ('base', 'SAM') and len(cells) == len(
+        TASKS) and moonshot_ok(cells) else '')
+    lines.append(f'| {name} | ' + ' | '.join(text) + f' | {mark} |')
+  return '\n'.join(lines)
+
+
+# ----------------------------------------------------------------- figures
+
+
+def plot_front(task_results, rows, path):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(10, 5.5))
+  for name, r in rows.items():
+    if not (math.isfinite(r['mean']) and math.isfinite(r['x_base'])):
+      continue
+    style = {'base': ('s', 'black', 9), 'SAM': ('D', 'tab:red', 9)}.get(
+        name, ('o', 'tab:blue', 5))
+    ax.errorbar(r['x_base'], r['mean'], yerr=r['std'], fmt=style[0],
+                color=style[1], markersize=style[2], capsize=3)
+    ax.annotate(name, (r['x_base'], r['mean']), fontsize=7, xytext=(4, 3),
+                textcoords='offset points',
+                fontweight='bold' if name in ('base', 'SAM') else 'normal')
+  diverged = [n for n, r in rows.items() if r['diverged']]
+  if diverged:
+    ax.text(0.01, 0.01, 'diverged (not drawn): ' + ', '.join(diverged),
+            transform=ax.transAxes, fontsize=7, va='bottom')
+  ax.axvline(AT_MOST, color='gray', linestyle=':', linewidth=1)
+  ax.set_xlabel('wall time per step, x base (measured side by side)')
+  better = 'higher' if task_results['higher_is_better'] else 'lower'
+  ax.set_ylabel(f"{task_results['metric_name']} (mean ± std; {better} is"
+                ' better)')
+  ax.set_title(f"{task_results['name']}: cost against {task_results['metric_name']}")
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_summary(summaries, path):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  tasks = list(summaries)
+  names = []
+  for rows in summaries.values():
+    names += [n for n in rows if n not in names and n != 'base']
+  fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(names) * len(tasks) / 2),
+                                  5))
+  width = 0.8 / max(1, len(tasks))
+  for j, task in enumerate(tasks):
+    xs, ys, errs = [], [], []
+    for i, name in enumerate(names):
+      c = summaries[task].get(name)
+      if c is not None and math.isfinite(c['kept']):
+        xs.append(i + (j - (len(tasks) - 1) / 2) * width)
+        ys.append(c['kept'])
+        errs.append(c['kept_std'] if math.isfinite(c['kept_std']) else 0)
+    ax.bar(xs, ys, width, yerr=errs, capsize=2, label=task)
+  ax.axhline(KEEP, color='tab:red', linestyle='--', linewidth=1,
+             label=f'{KEEP:.0f} % of SAM\'s gain')
+  ax.axhline(0, color='black', linewidth=0.8)
+  ax.set_xticks(range(len(names)))
+  ax.set_xticklabels(names, rotation=60, ha='right', fontsize=7)
+  ax.set_ylabel('gain kept % of best-rho SAM\'s (mean ± std over seeds)')
+  ax.set_title('Gain kept per configuration and task')
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3, axis='y')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+# ----------------------------------------------------------------- stages
+
+
+def run_task(name, args, stages, stored):
+  """The stages of one task; returns its raw results (as in tasks.json)."""
+  task = load_task(name)
+  size = 'quick' if args.quick else 'full'
+  steps = task.steps[size]
+  seeds = list(range(args.seeds))
+  start = time.perf_counter()
+  result = dict(stored or {})
+  result.update(name=task.name, description=task.description,
+                metric_name=task.metric_name,
+                higher_is_better=task.higher_is_better, base=task.base,
+                learning_rate=task.learning_rate, steps=steps, size=size,
+                seeds=seeds)
+  setup = Setup(task, size, steps, task.learning_rate, None)
+  progress = not args.no_progress
+  if 'lr' in stages:
+    rows = [Config(f'{lr:g}', lambda s, lr=lr: dataclasses.replace(
+        s, learning_rate=lr).base(), 1) for lr in task.lr_grid]
+    runs = train_side_by_side(task, size, steps, rows, setup, seeds, 'val',
+                              progress, 'lr')
+    result['lr'] = {n: r['metric'] for n, r in runs.items()}
+  if 'rho' in stages:
+    rows = [Config('base', lambda s: s.base(), 1)] + [
+        Config(f'{rho:g}', lambda s, rho=rho: s.variant('sam', rho=rho), 2)
+        for rho in task.rho_grid]
+    runs = train_side_by_side(task, size, steps, rows, setup, seeds, 'val',
+                              progress, 'rho')
+    result['rho'] = {n: r['metric'] for n, r in runs.items()}
+    result['best_rho'] = best_rho(
+        {float(n): v for n, v in result['rho'].items() if n != 'base'},
+        task.higher_is_better)
+  if 'main' in stages:
+    if result.get('best_rho') is None:
+      raise SystemExit(
+          f'{name}: the main stage needs SAM\'s best rho; run --stage rho'
+          ' first (or --stage all).')
+    setup.best_rho = result['best_rho']
+    params, _ = task.init(jax.random.PRNGKey(0), size)
+    rows = configs(result['best_rho'], has_normalization(params))
+    if args.only:
+      rows = [r for r in rows if r.name in ('base', 'SAM', *args.only)]
+    runs = train_side_by_side(task, size, steps, rows, setup, seeds, 'test',
+                              progress, 'main')
+    for r in rows:
+      runs[r.name]['gradients'] = r.gradients
+    result['main'] = runs
+  result['wall_s'] = time.perf_counter() - start
+  result['machine'] = _common.machine()
+  result['command'] = args.command
+  result['date'] = datetime.date.today().isoformat()
+  return result
+
+
+def task_markdown(r):
+  lines = [f"## {r['name']}", '', r['description'], '',
+           f"Base optimizer: {r['base']} at learning rate"
+           f" {r['learning_rate']:g}, {r['steps']} steps, seeds"
+           f" {', '.join(map(str, r['seeds']))}. Metric: {r['metric_name']}"
+           f" ({'higher' if r['higher_is_better'] else 'lower'} is better)."
+           f" Machine: {r['machine']}. Command: `{r['command']}`"
+           f" ({r['wall_s'] / 60:.1f} minutes, {r['date']}).", '']
+  if 'lr' in r:
+    lines += ['**Learning rate** (the base optimizer, validation split):',
+              '', sweep_table(r['lr'], 'learning rate'), '']
+  if 'rho' in r:
+    lines += ['**SAM\'s rho** (validation split):', '',
+              sweep_table(r['rho'], 'rho'), '',
+              f"Best rho: {r['best_rho']:g}.", '']
+  if 'main' in r:
+    rows = summarize_main(r['main'], r['higher_is_better'])
+    if not rows['SAM']['improves']:
+      lines += ['**SAM at its best rho did not beat the base optimizer on'
+                ' the test split here**: gain kept is relative to a'
+                ' non-positive gain and means nothing.', '']
+    lines += ['**Test split**, every configuration:', '', main_table(rows),
+              '', f"![cost against metric](tasks_{file_stem(r['name'])}.png)",
+              '']
+  return '\n'.join(lines)
+
+
+def file_stem(name):
+  return name.replace('-', '_')
+
+
+def document(all_results):
+  summaries = {n: summarize_main(r['main'], r['higher_is_better'])
+               for n, r in all_results.items() if 'main' in r}
+  parts = [
+      '# The benchmark study: every variant on four tasks', '',
+      'Written by `python benchmarks/bench_tasks.py` (raw results in'
+      ' tasks.json; `--replot` redraws the figures from it). Each task'
+      ' section names its machine, command, date and wall time.', '',
+      'Configurations: the base optimizer; SAM at its best rho (the'
+      ' validation sweep); each variant at its documented defaults, and at'
+      ' SAM\'s best rho in the variant\'s own convention (ASAM\'s radius'
+      f" x{RHO_SCALE['asam']:g} and MSAM's x{RHO_SCALE['msam']:g}: their"
+      ' defaults 0.5 and 1.0 sit against SAM\'s 0.05), left out where that'
+      ' equals the default; decoupled WSAM; bSAM (learning rate: the base'
+      f' schedule, from lr / (1 - {MOMENTUM}) on SGD tasks); SAM-ON where'
+      ' the model has normalization layers. LookSAM and AE-SAM get no'
+      ' `total_steps` (what a user gets by default). Nothing is wrapped in'
+      ' `apply_if_finite`: a non-finite metric is reported as diverged.', '',
+      'Gain kept = per seed (v - mean base) / (mean SAM - mean base), mean'
+      ' ± std over seeds. x base = median over the timed rounds of the'
+      ' chunk time over the base\'s in the same round (side by side in one'
+      ' process, the first chunk of each seed untimed). Gradients per step'
+      ' are nominal; the measured share of SAM steps is shown where the'
+      ' optimizer state reports it.', '']
+  if summaries:
+    parts += ['## Summary', '',
+              f'Cells: gain kept %, x base. **yes**: keeps >= {KEEP:.0f} %'
+              f' of best-rho SAM\'s gain at <= {AT_MOST}x the base on every'
+              ' one of the four tasks.', '', summary_table(summaries), '',
+              '![gain kept](tasks_summary.png)', '']
+  for r in all_results.values():
+    parts += [task_markdown(r), '']
+  return '\n'.join(parts).rstrip() + '\n'
+
+
+def replot(all_results):
+  summaries = {}
+  for name, r in all_results.items():
+    if 'main' not in r:
+      continue
+    rows = summarize_main(r['main'], r['higher_is_better'])
+    summaries[name] = rows
+    plot_front(r, rows, RESULTS / f'tasks_{file_stem(name)}.png')
+  if summaries:
+    plot_summary(summaries, RESULTS / 'tasks_summary.png')
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--tasks', default=','.join(TASKS),
+                      help='comma-separated task names (default: all four)')
+  parser.add_argument('--seeds', type=int, default=3)
+  parser.add_argument('--stage', choices=STAGES + ('all',), default='all')
+  parser.add_argument('--quick', action='store_true',
+                      help='size quick, 1 seed; prints, writes nothing')
+  parser.add_argument('--replot', action='store_true',
+                      help='only redraw the PNGs from results/tasks.json')
+  parser.add_argument('--no-progress', action='store_true')
+  parser.add_argument('--only', default='',
+                      help='main stage: only these configurations (comma-'
+                      'separated; base and SAM always run)')
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.seeds = 1
+  if args.seeds < 1:
+    parser.error('need --seeds >= 1.')
+  args.only = [c.strip() for c in args.only.split(',') if c.strip()]
+  args.tasks = [t.strip() for t in args.tasks.split(',') if t.strip()]
+  args.command = ' '.join(['python benchmarks/bench_tasks.py',
+                           *(argv if argv is not None else sys.argv[1:])])
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  stored = json.loads(JSON_PATH.read_text()) if JSON_PATH.exists() else {}
+  if args.replot:
+    replot(stored)
+    return stored
+  stages = STAGES if args.stage == 'all' else (args.stage,)
+  start = time.perf_counter()
+  results = {}
+  for name in args.tasks:
+    previous = None if args.quick else stored.get(name)
+    results[name] = run_task(name, args, stages, previous)
+    print(task_markdown(results[name]), flush=True)
+  if not args.quick:
+    merged = {**stored, **results}
+    RESULTS.mkdir(exist_ok=True)
+    JSON_PATH.write_text(json.dumps(merged, indent=1, default=float) + '\n')
+    MD_PATH.write_text(document(merged))
+    replot(merged)
+    print('wrote', MD_PATH, JSON_PATH)
+  else:
+    summaries = {n: summarize_main(r['main'], r['higher_is_better'])
+                 for n, r in results.items() if 'main' in r}
+    if summaries:
+      print(summary_table(summaries))
+  print(f'done in {time.perf_counter() - start:.0f} s', flush=True)
+  return results
+
+
+if __name__ == '__main__':
+  main()
