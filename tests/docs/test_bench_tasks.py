@@ -1,0 +1,121 @@
+"""The study's runner: its arithmetic by hand, and a quick run of every task."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import pathlib
+import sys
+
+import pytest
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[2] / 'benchmarks'
+
+
+@pytest.fixture(scope='module')
+def bench_tasks():
+  sys.path.insert(0, str(BENCHMARKS))
+  yield importlib.import_module('bench_tasks')
+  sys.path.remove(str(BENCHMARKS))
+
+
+def test_gain_kept_by_hand(bench_tasks):
+  # Accuracy: base mean 71, SAM mean 81, a gain of 10 points.
+  kept = bench_tasks.gain_kept([76.0, 81.0], 71.0, 81.0)
+  assert kept == pytest.approx([50.0, 100.0])
+  mean, std = bench_tasks.mean_std(kept)
+  assert mean == pytest.approx(75.0)
+  assert std == pytest.approx(50 / math.sqrt(2))  # stdev of (50, 100)
+  # A loss: lower is better, SAM's gain is -0.2 and the signs cancel.
+  assert bench_tasks.gain_kept([2.0, 1.95], 2.1, 1.9) == pytest.approx(
+      [50.0, 75.0])
+  # SAM gained nothing: no ratio to a zero gain.
+  assert all(math.isnan(k) for k in bench_tasks.gain_kept([1.0], 2.0, 2.0))
+
+
+def test_a_diverged_seed_is_not_averaged_away(bench_tasks):
+  mean, std = bench_tasks.mean_std([80.0, math.nan])
+  assert math.isnan(mean) and math.isnan(std)
+  main = {
+      'base': {'metric': [70.0, 72.0], 'ratio': [1.0, 1.0, 1.0],
+               'seconds': [0.01, 0.01, 0.01], 'gradients': 1},
+      'SAM': {'metric': [80.0, 82.0], 'ratio': [1.9, 2.1, 2.0],
+              'seconds': [0.02, 0.02, 0.02], 'gradients': 2},
+      'v': {'metric': [76.0, math.nan], 'ratio': [1.2, 1.5, 1.3],
+            'seconds': [0.012, 0.015, 0.013], 'gradients': 1.5,
+            'sam_steps': [0.25, 0.75]},
+  }
+  rows = bench_tasks.summarize_main(main, higher_is_better=True)
+  assert rows['v']['diverged'] == 1 and math.isnan(rows['v']['mean'])
+  assert math.isnan(rows['v']['kept'])
+  assert rows['v']['x_base'] == pytest.approx(1.3)  # median of the ratios
+  assert rows['v']['ms'] == pytest.approx(13.0)
+  assert rows['v']['sam_share'] == pytest.approx(0.5)
+  assert rows['SAM']['kept'] == pytest.approx(100.0)
+  assert rows['SAM']['improves']
+  assert 'diverged on 1 of 2 seeds' in bench_tasks.main_table(rows)
+
+
+def test_best_rho_by_hand(bench_tasks):
+  runs = {0.05: [80.0, 82.0], 0.1: [83.0, 80.0], 0.2: [math.nan, 90.0]}
+  assert bench_tasks.best_rho(runs, higher_is_better=True) == 0.1
+  losses = {0.05: [1.0, 1.2], 0.1: [1.05, 1.1], 0.2: [1.3, 1.2]}
+  assert bench_tasks.best_rho(losses, higher_is_better=False) == 0.1
+  with pytest.raises(RuntimeError, match='every rho'):
+    bench_tasks.best_rho({0.1: [math.nan]}, higher_is_better=True)
+
+
+def test_moonshot_mark(bench_tasks):
+  ok = {'kept': 95.0, 'x_base': 1.2}
+  assert bench_tasks.moonshot_ok([ok] * 4)
+  assert not bench_tasks.moonshot_ok([ok] * 3 + [{'kept': 89.0,
+                                                  'x_base': 1.1}])
+  assert not bench_tasks.moonshot_ok([ok] * 3 + [{'kept': 120.0,
+                                                  'x_base': 1.3}])
+  assert not bench_tasks.moonshot_ok([ok] * 3 + [None])
+
+
+def test_configurations_drop_duplicates(bench_tasks):
+  names = [c.name for c in bench_tasks.configs(0.05, has_norm=False)]
+  # At SAM's default 0.05 only XSAM's default (0.15) differs; ASAM's 0.5
+  # and MSAM's 1.0 are 0.05 in their conventions.
+  variants = list(bench_tasks.VARIANTS) + ['decoupled_wsam']
+  assert names == ['base', 'SAM', 'sam', 'asam', 'xsam', 'xsam rho=0.05',
+                   *variants[3:]]
+  names = [c.name for c in bench_tasks.configs(0.1, has_norm=True)]
+  assert 'asam rho=1' in names and 'msam rho=2' in names
+  assert 'sam rho=0.1' not in names and names[-1] == 'SAM-ON'
+  assert len(names) == 2 + 14 + 13 + 1
+  assert len(set(names)) == len(names)
+
+
+def test_chunks_cover_the_steps(bench_tasks):
+  assert bench_tasks.chunk_lengths(20) == [2] * 10
+  assert bench_tasks.chunk_lengths(1400) == [140] * 10
+  prime = bench_tasks.chunk_lengths(101)
+  assert sum(prime) == 101 and prime[-1] < prime[0]
+
+
+@pytest.mark.slow
+def test_quick_run_of_every_task(bench_tasks, capsys):
+  results_dir = BENCHMARKS / 'results'
+  before = {p: p.read_bytes() for p in results_dir.glob('tasks*')}
+  results = bench_tasks.main(['--quick', '--no-progress'])
+  after = {p: p.read_bytes() for p in results_dir.glob('tasks*')}
+  assert before == after, '--quick must not write results'
+  printed = capsys.readouterr().out
+  assert list(results) == list(bench_tasks.TASKS)
+  for name, r in results.items():
+    task = bench_tasks.load_task(name)
+    assert f'## {task.name}' in printed
+    assert r['best_rho'] in task.rho_grid
+    assert set(r['lr']) == {f'{lr:g}' for lr in task.lr_grid}
+    expected = [c.name for c in bench_tasks.configs(
+        r['best_rho'], has_norm='SAM-ON' in r['main'])]
+    assert list(r['main']) == expected
+    for config, run in r['main'].items():
+      assert f'| {config} |' in printed
+      assert all(math.isfinite(v) for v in run['metric']), (name, config)
+      assert run['ratio'], (name, config)
+  assert 'SAM-ON' in results['vit-digits']['main']
+  assert 'SAM-ON' in results['char-lm']['main']
