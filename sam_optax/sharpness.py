@@ -79,9 +79,9 @@ from sam_optax._src.sharpness.density import hessian_spectral_density
 from sam_optax._src.sharpness.power_iteration import hessian_top_eigenvalue
 from sam_optax._src.sharpness.trace import hessian_trace
 from sam_optax._src.sharpness.operator import hessian_vector_product
+from sam_optax._src.sharpness.filter_normalization import filter_normalized_direction
 from sam_optax._src.sharpness.landscape import Landscape1D
 from sam_optax._src.sharpness.landscape import Landscape2D
-from sam_optax._src.sharpness.landscape import filter_normalized_direction
 from sam_optax._src.sharpness.landscape import loss_landscape_1d
 from sam_optax._src.sharpness.landscape import loss_landscape_2d
 from sam_optax._src.sharpness.average_case import AverageCaseSharpness

@@ -11,79 +11,12 @@ from sam_optax._src.core import tree_math
 from sam_optax._src.core import validation
 from sam_optax._src.sharpness import compiled
 from sam_optax._src.sharpness import checks
+from sam_optax._src.sharpness import filter_normalization
 from sam_optax._src.sharpness import objective as objective_lib
 
 PyTree = Any
 Batches = Optional[Iterable[Mapping[str, Any]]]
 Span = tuple[float, float]
-
-
-def filter_normalized_direction(
-    params: PyTree,
-    key: Optional[jax.Array] = None,
-    *,
-    filter_axis: int = -1,
-    ignore_1d: bool = True,
-) -> PyTree:
-  r"""A random Gaussian direction, filter-normalized to the weights' scale.
-
-  For every leaf with two or more axes, each filter :math:`d_{i}` (the
-  slice at index i along ``filter_axis``: an output unit of a Flax
-  ``Dense`` kernel ``(in, out)`` or ``Conv`` kernel ``(h, w, in, out)``) is
-  rescaled to the norm of the matching weight filter:
-
-  .. math::
-
-    d_{i} \leftarrow \frac{d_{i}}{\|d_{i}\|} \, \|w_{i}\|.
-
-  Leaves with at most one axis (biases, normalization scales) get a zero
-  direction (``ignore_1d=True``, Li et al.'s ``ignore='biasbn'``) or the
-  weights themselves (``ignore_1d=False``, as in their code).
-
-  Examples:
-    >>> import jax, jax.numpy as jnp
-    >>> from sam_optax import sharpness
-    >>> params = {'kernel': jnp.ones((3, 2)), 'bias': jnp.ones(2)}
-    >>> d = sharpness.filter_normalized_direction(params, jax.random.key(0))
-    >>> print(jnp.linalg.norm(d['kernel'], axis=0).round(4), d['bias'])
-    [1.7321 1.7321] [0. 0.]
-
-  Args:
-    params: the weights w.
-    filter_axis: the axis that indexes filters (output units); -1 for Flax
-      and Equinox-style kernels, 0 for PyTorch-style ``(out, in, ...)``.
-    ignore_1d: zero direction for leaves with ndim <= 1 (else d = w there).
-
-  Returns:
-    A float32 pytree like params; NaN in the filters of NaN weights.
-
-  Raises:
-    TypeError: params with a complex leaf (split it into real parts,
-      ``{'re': w.real, 'im': w.imag}``) or an integer leaf.
-
-  References:
-    Li et al., `Visualizing the Loss Landscape of Neural Nets
-    <https://arxiv.org/abs/1712.09913>`_, NeurIPS 2018.
-  """
-  checks.check_params('filter_normalized_direction', params)
-  key = checks.resolve_key(key)
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(key, max(len(leaves), 1))
-  out = []
-  for k, p in zip(keys, leaves):
-    p = tree_math.wide(jnp.asarray(p))
-    if p.ndim <= 1:
-      out.append(jnp.zeros(p.shape, jnp.float32) if ignore_1d
-                 else p.astype(jnp.float32))
-      continue
-    d = jax.random.normal(k, p.shape, jnp.float32)
-    axis = filter_axis % p.ndim
-    other = tuple(a for a in range(p.ndim) if a != axis)
-    d_norm = jnp.sqrt(jnp.sum(jnp.square(d), axis=other, keepdims=True))
-    p_norm = jnp.sqrt(jnp.sum(jnp.square(p.astype(jnp.float32)), axis=other,
-                              keepdims=True))
-    out.append(d * p_norm * tree_math.safe_inverse(d_norm))
-  return jax.tree.unflatten(treedef, out)
 
 
 class Landscape1D(NamedTuple):
@@ -141,20 +74,6 @@ def _check_like(owner: str, name: str, tree: PyTree, params: PyTree) -> None:
           f'{owner}: {name} has a leaf of shape {jnp.shape(a)} where params'
           f' has {jnp.shape(b)}.'
       )
-
-
-def _random_direction(owner: str, params: PyTree, key: Optional[jax.Array],
-                      filter_axis: int, ignore_1d: bool) -> PyTree:
-  """`filter_normalized_direction`; an error when it would be all zeros."""
-  if ignore_1d and all(jnp.ndim(p) <= 1 for p in jax.tree.leaves(params)):
-    raise ValueError(
-        f'{owner}: every leaf of params has at most one axis, and'
-        ' ignore_1d=True gives such leaves (biases, norm scales) a zero'
-        ' direction, so every direction was zeroed and the landscape would'
-        ' be perfectly flat. Pass ignore_1d=False (the direction is then'
-        ' the weights themselves there), or give directions explicitly.')
-  return filter_normalized_direction(
-      params, key, filter_axis=filter_axis, ignore_1d=ignore_1d)
 
 
 def _grid(span: Span, num: int) -> jax.Array:
@@ -250,7 +169,8 @@ def loss_landscape_1d(
     d = jax.tree.map(tree_math.wide, direction)
     default_span = (-1.0, 1.0)
   else:
-    d = _random_direction(owner, params, key, filter_axis, ignore_1d)
+    d = filter_normalization.random_direction(owner, params, key, filter_axis,
+                                              ignore_1d)
     default_span = (-1.0, 1.0)
   alphas = _grid(_span(owner, default_span if span is None else span),
                  num_points)
@@ -338,8 +258,8 @@ def loss_landscape_2d(
       has_aux=has_aux, layout=layout)
   if directions is None:
     key1, key2 = jax.random.split(checks.resolve_key(key))
-    d1, d2 = (_random_direction(owner, params, k, filter_axis, ignore_1d)
-              for k in (key1, key2))
+    d1, d2 = (filter_normalization.random_direction(
+        owner, params, k, filter_axis, ignore_1d) for k in (key1, key2))
   else:
     if not isinstance(directions, (tuple, list)) or len(directions) != 2:
       raise ValueError(f'{owner}: directions must be a pair (d1, d2).')
