@@ -2,9 +2,9 @@
 
 A variant is a `Variant`: its hyperparameters, its typed state, its ascent
 direction, its combine (the gradient it hands on) and how its own state
-fields agree across devices and chunks. The pipeline (`transformation.py`)
-owns everything else: schedules, validation, numerics, the layout, the
-diagnostics and the optax plumbing. A piece sees one *group* -- the whole
+fields agree across devices and chunks. The pipeline (`transformation.py`,
+`update.py`) owns everything else: the name, schedules, validation,
+numerics, the layout, the diagnostics and the optax plumbing. A piece sees one *group* -- the whole
 batch, one chunk, or one device -- through a `Context`.
 """
 
