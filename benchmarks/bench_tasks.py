@@ -65,6 +65,7 @@ JSON_PATH = RESULTS / 'tasks.json'
 MD_PATH = RESULTS / 'tasks.md'
 MOMENTUM = 0.9
 TARGET_CHUNKS = 10  # chunks per run: the timing's rounds (first untimed)
+CLIP = (-150.0, 250.0)  # the summary figure's range of gain kept %, shown
 KEEP, AT_MOST = 90.0, 1.25  # the moonshot: keep >= 90 % of SAM's gain at
 # <= 1.25x the base optimizer's time per step, on every task.
 
@@ -526,6 +527,15 @@ def plot_summary(summaries, path):
         ys.append(c['kept'])
         errs.append(c['kept_std'] if math.isfinite(c['kept_std']) else 0)
     ax.bar(xs, ys, width, yerr=errs, capsize=2, label=task)
+  low, high = CLIP
+  for bars in ax.containers:
+    for bar in getattr(bars, 'patches', []):
+      value = bar.get_height() + bar.get_y()
+      if not low <= value <= high:
+        ax.annotate(f'{value:.0f}', (bar.get_x(), min(max(value, low), high)),
+                    fontsize=6, rotation=90, va='top' if value > high else
+                    'bottom')
+  ax.set_ylim(low, high)
   ax.axhline(KEEP, color='tab:red', linestyle='--', linewidth=1,
              label=f'{KEEP:.0f} % of SAM\'s gain')
   ax.axhline(0, color='black', linewidth=0.8)
@@ -549,7 +559,6 @@ def run_task(name, args, stages, stored):
   size = 'quick' if args.quick else 'full'
   steps = task.steps[size]
   seeds = list(range(args.seeds))
-  start = time.perf_counter()
   result = dict(stored or {})
   result.update(name=task.name, description=task.description,
                 metric_name=task.metric_name,
@@ -558,13 +567,17 @@ def run_task(name, args, stages, stored):
                 seeds=seeds)
   setup = Setup(task, size, steps, task.learning_rate, None)
   progress = not args.no_progress
+  runs_log = result.setdefault('runs', {})
   if 'lr' in stages:
+    start = time.perf_counter()
     rows = [Config(f'{lr:g}', lambda s, lr=lr: dataclasses.replace(
         s, learning_rate=lr).base(), 1) for lr in task.lr_grid]
     runs = train_side_by_side(task, size, steps, rows, setup, seeds, 'val',
                               progress, 'lr')
     result['lr'] = {n: r['metric'] for n, r in runs.items()}
+    runs_log['lr'] = run_record(args, start)
   if 'rho' in stages:
+    start = time.perf_counter()
     rows = [Config('base', lambda s: s.base(), 1)] + [
         Config(f'{rho:g}', lambda s, rho=rho: s.variant('sam', rho=rho), 2)
         for rho in task.rho_grid]
@@ -574,11 +587,13 @@ def run_task(name, args, stages, stored):
     result['best_rho'] = best_rho(
         {float(n): v for n, v in result['rho'].items() if n != 'base'},
         task.higher_is_better)
+    runs_log['rho'] = run_record(args, start)
   if 'main' in stages:
     if result.get('best_rho') is None:
       raise SystemExit(
           f'{name}: the main stage needs SAM\'s best rho; run --stage rho'
           ' first (or --stage all).')
+    start = time.perf_counter()
     setup.best_rho = result['best_rho']
     params, _ = task.init(jax.random.PRNGKey(0), size)
     rows = configs(result['best_rho'], has_normalization(params))
@@ -589,11 +604,15 @@ def run_task(name, args, stages, stored):
     for r in rows:
       runs[r.name]['gradients'] = r.gradients
     result['main'] = runs
-  result['wall_s'] = time.perf_counter() - start
-  result['machine'] = _common.machine()
-  result['command'] = args.command
-  result['date'] = datetime.date.today().isoformat()
+    runs_log['main'] = run_record(args, start)
   return result
+
+
+def run_record(args, start):
+  """The machine, command, date and wall time of a stage just run."""
+  return {'machine': _common.machine(), 'command': args.command,
+          'date': datetime.date.today().isoformat(),
+          'wall_s': time.perf_counter() - start}
 
 
 def task_markdown(r):
@@ -601,9 +620,13 @@ def task_markdown(r):
            f"Base optimizer: {r['base']} at learning rate"
            f" {r['learning_rate']:g}, {r['steps']} steps, seeds"
            f" {', '.join(map(str, r['seeds']))}. Metric: {r['metric_name']}"
-           f" ({'higher' if r['higher_is_better'] else 'lower'} is better)."
-           f" Machine: {r['machine']}. Command: `{r['command']}`"
-           f" ({r['wall_s'] / 60:.1f} minutes, {r['date']}).", '']
+           f" ({'higher' if r['higher_is_better'] else 'lower'} is"
+           ' better).', '']
+  for stage, log in r.get('runs', {}).items():
+    lines.append(f"- stage {stage}: `{log['command']}` on {log['machine']}"
+                 f" ({log['wall_s'] / 60:.1f} minutes, compilation"
+                 f" included, {log['date']})")
+  lines.append('')
   if 'lr' in r:
     lines += ['**Learning rate** (the base optimizer, validation split):',
               '', sweep_table(r['lr'], 'learning rate'), '']
