@@ -16,7 +16,8 @@ task:
 
 Training: one jitted function per (task, configuration) runs ``lax.scan``
 over a chunk of steps; the seed's parameters, optimizer state, step index,
-key and data are its inputs, so one compile serves every seed. Within a
+key and data are its inputs, so one compile serves every seed -- and so are
+the learning rate and rho, so one compile serves a variant at every rho. Within a
 seed, every configuration trains side by side in one process, one chunk
 each in turn (round-robin, the first configuration rotating); the first
 chunk of each seed is an untimed warm-up (it compiles). x base is the
@@ -43,7 +44,7 @@ import pathlib
 import statistics
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -141,11 +142,18 @@ class Setup:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """One row of the main table."""
+  """One row of a table: ``make(setup, **hparams)`` builds its optimizer.
+
+  ``hparams`` (numbers) are traced inputs of the compiled training chunk,
+  like the seed: the configurations of one ``family`` (default: the name)
+  share one compiled function, whatever their values.
+  """
   name: str
-  make: Callable[[Setup], optax.GradientTransformation]
+  make: Callable[..., optax.GradientTransformation]
   gradients: float
   takes_params: bool = False  # evaluates its own gradients (bSAM)
+  hparams: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  family: str = ''
 
 
 def default_rho(name):
@@ -158,12 +166,13 @@ def variant_configs(best_rho):
   rows = []
   for name in VARIANTS + ('decoupled_wsam',):
     grads, own = GRADIENTS[name], name == 'bsam'
-    rows.append(Config(name, lambda s, n=name: s.variant(n), grads, own))
+    make = lambda s, n=name, **h: s.variant(n, **h)
+    rows.append(Config(name, make, grads, own, {'rho': default_rho(name)},
+                       name))
     rho = best_rho * RHO_SCALE.get(name, 1.0)
     if name != 'sam' and not math.isclose(rho, default_rho(name)):
-      rows.append(Config(f'{name} rho={rho:g}',
-                         lambda s, n=name, r=rho: s.variant(n, rho=r), grads,
-                         own))
+      rows.append(Config(f'{name} rho={rho:g}', make, grads, own,
+                         {'rho': rho}, name))
   return rows
 
 
@@ -171,13 +180,14 @@ def configs(best_rho, has_norm):
   """The main stage's configurations (the moonshot goes here, one line)."""
   rows = [
       Config('base', lambda s: s.base(), 1),
-      Config('SAM', lambda s: s.variant('sam', rho=best_rho), 2),
+      Config('SAM', lambda s, **h: s.variant('sam', **h), 2, False,
+             {'rho': best_rho}, 'sam'),
       *variant_configs(best_rho),
   ]
   if has_norm:
-    rows.append(Config('SAM-ON', lambda s: s.variant(
-        'sam', rho=best_rho, perturbation_mask=sam_optax.normalization_mask),
-                       2))
+    rows.append(Config('SAM-ON', lambda s, **h: s.variant(
+        'sam', perturbation_mask=sam_optax.normalization_mask, **h), 2, False,
+                       {'rho': best_rho}))
   return rows
 
 
@@ -207,8 +217,9 @@ def _sam_step(state):
   return found[0] if found else None
 
 
-def chunk_fn(task, tx, takes_params, size, length):
-  """jit(params, model_state, opt_state, t, key, data) after ``length`` steps.
+def chunk_fn(task, make_tx, takes_params, size, length):
+  """jit(params, model_state, opt_state, t, key, data, hparams): ``length``
+  steps of the optimizer ``make_tx(hparams)``.
 
   Returns ``(params, model_state, opt_state, t + length, sam_steps)``;
   ``sam_steps`` counts the steps whose state says ``sam_step`` (-1 when the
@@ -218,7 +229,7 @@ def chunk_fn(task, tx, takes_params, size, length):
   """
   value_and_grad = jax.value_and_grad(task.loss, has_aux=True)
 
-  def step(data, key_train, carry, _):
+  def step(tx, data, key_train, carry, _):
     params, model_state, opt_state, t, sam_steps = carry
     key = jax.random.fold_in(key_train, t)
     batch = task.sample_batch(data, key, size)
@@ -238,10 +249,11 @@ def chunk_fn(task, tx, takes_params, size, length):
             t + 1, sam_steps), None
 
   @jax.jit
-  def chunk(params, model_state, opt_state, t, key_train, data):
+  def chunk(params, model_state, opt_state, t, key_train, data, hparams):
+    tx = make_tx(hparams)
     carry = (params, model_state, opt_state, t, jnp.int32(0))
-    carry, _ = jax.lax.scan(lambda c, x: step(data, key_train, c, x), carry,
-                            None, length=length)
+    carry, _ = jax.lax.scan(lambda c, x: step(tx, data, key_train, c, x),
+                            carry, None, length=length)
     return carry
 
   return chunk
@@ -297,11 +309,21 @@ def train_side_by_side(task, size, steps, rows, setup, seeds, split,
   'ratio': [to rows[0] per timed round], 'sam_steps': [per seed]}}``.
   """
   lengths = chunk_lengths(steps)
-  txs = {r.name: r.make(setup) for r in rows}
-  txs = {n: (tx if isinstance(tx, optax.GradientTransformationExtraArgs)
-             else optax.with_extra_args_support(tx)) for n, tx in txs.items()}
-  fns = {(r.name, n): chunk_fn(task, txs[r.name], r.takes_params, size, n)
-         for r in rows for n in set(lengths)}
+  def make_tx(row, hparams):
+    tx = row.make(setup, **hparams)
+    return (tx if isinstance(tx, optax.GradientTransformationExtraArgs)
+            else optax.with_extra_args_support(tx))
+
+  family = {r.name: r.family or r.name for r in rows}
+  fns = {}
+  for r in rows:
+    for n in set(lengths):
+      if (family[r.name], n) not in fns:
+        fns[family[r.name], n] = chunk_fn(
+            task, lambda h, r=r: make_tx(r, h), r.takes_params, size, n)
+  hparams = {r.name: {k: jnp.float32(v) for k, v in r.hparams.items()}
+             for r in rows}
+  init = {r.name: make_tx(r, r.hparams).init for r in rows}
   names = [r.name for r in rows]
   out = {n: {'metric': [], 'seconds': [], 'ratio': [], 'sam_steps': []}
          for n in names}
@@ -311,7 +333,7 @@ def train_side_by_side(task, size, steps, rows, setup, seeds, split,
     data = jax.tree_util.tree_map(jnp.asarray, task.load(size, seed))
     key_init, key_train = jax.random.split(jax.random.PRNGKey(seed))
     params, model_state = task.init(key_init, size)
-    runs = {n: [params, model_state, txs[n].init(params), jnp.int32(0),
+    runs = {n: [params, model_state, init[n](params), jnp.int32(0),
                 jnp.int32(0)] for n in names}
     for i, length in enumerate(lengths):
       shift = i % len(names)
@@ -319,7 +341,8 @@ def train_side_by_side(task, size, steps, rows, setup, seeds, split,
       for name in names[shift:] + names[:shift]:
         run = runs[name]
         start = time.perf_counter()
-        *run[:4], count = fns[name, length](*run[:4], key_train, data)
+        *run[:4], count = fns[family[name], length](*run[:4], key_train,
+                                                    data, hparams[name])
         jax.block_until_ready(run)
         times[name] = time.perf_counter() - start
         run[4] = run[4] + count
@@ -570,8 +593,9 @@ def run_task(name, args, stages, stored):
   runs_log = result.setdefault('runs', {})
   if 'lr' in stages:
     start = time.perf_counter()
-    rows = [Config(f'{lr:g}', lambda s, lr=lr: dataclasses.replace(
-        s, learning_rate=lr).base(), 1) for lr in task.lr_grid]
+    rows = [Config(f'{lr:g}', lambda s, lr: dataclasses.replace(
+        s, learning_rate=lr).base(), 1, False, {'lr': lr}, 'base')
+            for lr in task.lr_grid]
     runs = train_side_by_side(task, size, steps, rows, setup, seeds, 'val',
                               progress, 'lr')
     result['lr'] = {n: r['metric'] for n, r in runs.items()}
@@ -579,7 +603,8 @@ def run_task(name, args, stages, stored):
   if 'rho' in stages:
     start = time.perf_counter()
     rows = [Config('base', lambda s: s.base(), 1)] + [
-        Config(f'{rho:g}', lambda s, rho=rho: s.variant('sam', rho=rho), 2)
+        Config(f'{rho:g}', lambda s, rho: s.variant('sam', rho=rho), 2,
+               False, {'rho': rho}, 'sam')
         for rho in task.rho_grid]
     runs = train_side_by_side(task, size, steps, rows, setup, seeds, 'val',
                               progress, 'rho')
