@@ -177,7 +177,13 @@ def variant_configs(best_rho):
 
 
 def configs(best_rho, has_norm):
-  """The main stage's configurations (the moonshot goes here, one line)."""
+  """The main stage's configurations.
+
+  One more is one line in ``rows``, e.g. a cheap variant at SAM's best rho::
+
+    Config('moonshot', lambda s, **h: s.variant('moonshot', **h), 1.2,
+           False, {'rho': best_rho}),
+  """
   rows = [
       Config('base', lambda s: s.base(), 1),
       Config('SAM', lambda s, **h: s.variant('sam', **h), 2, False,
