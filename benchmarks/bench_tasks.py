@@ -48,7 +48,6 @@ from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 HERE = pathlib.Path(__file__).resolve().parent
