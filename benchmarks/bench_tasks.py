@@ -17,8 +17,8 @@ task:
 Training: one jitted function per (task, configuration) runs ``lax.scan``
 over a chunk of steps; the seed's parameters, optimizer state, step index,
 key and data are its inputs, so one compile serves every seed -- and so are
-the learning rate and rho, so one compile serves a variant at every rho. Within a
-seed, every configuration trains side by side in one process, one chunk
+the learning rate and rho, so one compile serves a variant at every rho.
+Within a seed, every configuration trains side by side in one process, one chunk
 each in turn (round-robin, the first configuration rotating); the first
 chunk of each seed is an untimed warm-up (it compiles). x base is the
 median over the timed rounds of a configuration's chunk time over the
@@ -528,7 +528,8 @@ def plot_front(task_results, rows, path):
   better = 'higher' if task_results['higher_is_better'] else 'lower'
   ax.set_ylabel(f"{task_results['metric_name']} (mean ± std; {better} is"
                 ' better)')
-  ax.set_title(f"{task_results['name']}: cost against {task_results['metric_name']}")
+  ax.set_title(f"{task_results['name']}: cost against"
+               f" {task_results['metric_name']}")
   ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
