@@ -12,7 +12,7 @@ task:
 - ``main``: test split; the base, SAM at the best rho, every variant at its
   documented defaults and with rho from SAM's best rho (in the variant's
   own convention, ``RHO_SCALE``), decoupled WSAM, bSAM, and SAM-ON where the
-  model has normalization layers (``CONFIGS``).
+  model has normalization layers (``configs``).
 
 Training: one jitted function per (task, configuration) runs ``lax.scan``
 over a chunk of steps; the seed's parameters, optimizer state, step index,
@@ -697,7 +697,11 @@ def document(all_results):
       ' equals the default; decoupled WSAM; bSAM (learning rate: the base'
       f' schedule, from lr / (1 - {MOMENTUM}) on SGD tasks); SAM-ON where'
       ' the model has normalization layers. LookSAM and AE-SAM get no'
-      ' `total_steps` (what a user gets by default). Nothing is wrapped in'
+      ' `total_steps` (what a user gets by default). One setting is not a'
+      ' default: ESAM gets `batch_argnames=(\'batch\',)`, since its default'
+      ' guess of the per-example arguments (every array with a leading'
+      ' dimension) takes the dropout key and the BatchNorm statistics for'
+      ' examples and stops with an error. Nothing is wrapped in'
       ' `apply_if_finite`: a non-finite metric is reported as diverged.', '',
       'Gain kept = per seed (v - mean base) / (mean SAM - mean base), mean'
       ' ± std over seeds. x base = median over the timed rounds of the'
