@@ -656,7 +656,7 @@ def task_markdown(r):
   for stage, log in r.get('runs', {}).items():
     lines.append(f"- stage {stage}: `{log['command']}` on {log['machine']}"
                  f" ({log['wall_s'] / 60:.1f} minutes, compilation"
-                 f" included, {log['date']})")
+                 ' included)')
   lines.append('')
   if 'lr' in r:
     lines += ['**Learning rate** (the base optimizer, validation split):',
