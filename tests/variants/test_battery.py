@@ -380,11 +380,27 @@ def test_a_bad_traced_hyperparameter_is_a_bad_step(variant, bad):
   update = jax.jit(injected.update)
   for name in names:
     state = injected.init(PARAMS)
-    state.hyperparams[name] = jnp.asarray(bad)
-    out, new = update(GRADS, state, PARAMS, batch=BATCH)
-    assert is_bad_step(variant, out, getattr(new, 'inner_state', None)), (
-        name, out)
+    state.hyperparams[name] = np.float32(bad)  # (jnp would trip debug_nans)
+    step = lambda: update(GRADS, state, PARAMS, batch=BATCH)
+    assert_bad_step(variant, step, lambda new: getattr(
+        new, 'inner_state', None), nan_in_state=np.isnan(bad))
   # A schedule that goes bad likewise.
-  tx = variant.make(loss_fn, rho=lambda count: jnp.asarray(bad))
-  out, new = tx.update(GRADS, tx.init(PARAMS), PARAMS, batch=BATCH)
-  assert is_bad_step(variant, out, new)
+  tx = variant.make(loss_fn, rho=lambda count: count * 0.0 + bad)
+  assert_bad_step(variant, lambda: jax.jit(tx.update)(
+      GRADS, tx.init(PARAMS), PARAMS, batch=BATCH))
+
+
+def assert_bad_step(variant, step, variant_state=lambda state: state,
+                    nan_in_state=False):
+  """`step()` is a bad step. With jax_debug_nans on, a step whose outputs
+  hold a NaN (a transformation's update, or a NaN put into the state) is
+  first reported where it is made, which is what the flag is for: JAX
+  re-runs it op by op, where the bad value is concrete and either makes the
+  first NaN or fails the hyperparameter's own check."""
+  if jax.config.jax_debug_nans and (nan_in_state or not variant.complete):
+    with pytest.raises((FloatingPointError, ValueError),
+                       match=r'invalid value \(nan\)|must be .*, got'):
+      step()
+  with jax.debug_nans(False):
+    out, new = step()
+  assert is_bad_step(variant, out, variant_state(new)), out
