@@ -3,9 +3,15 @@
 On a loaded 2-core machine a collective over 8 fake devices can wait longer
 than XLA:CPU's default 40 s before every device arrives, which aborts the
 process; the timeout is raised for the test run.
+
+Compiling is most of the suite's time, and many tests (and both xdist
+workers) compile the same program: one compilation cache, new for each run
+and shared by its workers, compiles it once. It is removed when the run ends.
 """
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 _FLAGS = (
@@ -22,3 +28,18 @@ os.environ['XLA_FLAGS'] = _flags
 import jax  # noqa: E402
 
 jax.config.update('jax_num_cpu_devices', 8)
+
+# The controller makes the folder before it starts the workers, which
+# inherit the variable; a worker or a plain run without it makes its own.
+_CACHE_VARIABLE = 'SAM_OPTAX_TEST_COMPILATION_CACHE'
+_OWNS_CACHE = _CACHE_VARIABLE not in os.environ
+if _OWNS_CACHE:
+  os.environ[_CACHE_VARIABLE] = tempfile.mkdtemp(prefix='sam_optax_jit_')
+jax.config.update('jax_compilation_cache_dir', os.environ[_CACHE_VARIABLE])
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWNS_CACHE:
+    shutil.rmtree(os.environ[_CACHE_VARIABLE], ignore_errors=True)
