@@ -278,6 +278,33 @@ def test_chunks_keep_bfloat16_params_and_a_float32_state():
   assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
 
 
+def test_shared_chunks_keep_a_float16_models_gradients_in_float32():
+  # Gradients around 1e6 overflow float16: bsam takes them in float32, and
+  # their mean over the chunks stays float32, so the step is the whole
+  # batch's (rounding it back to float16 would make it inf: a skipped step).
+  def big_loss(params, x, y):
+    return 1e6 * loss_fn(params, x, y)
+
+  params = jax.tree.map(lambda a: a.astype(jnp.float16), PARAMS)
+  hp = dict(HP, rho=1e-8, num_data=1e9)  # g_eps ~ g, the noise tiny
+  assert not all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(
+      jax.grad(big_loss)(params, XS[0], YS[0])))
+
+  def step(layout):
+    tx = sam_optax.bsam(big_loss, **hp, layout=layout)
+    return jax.jit(tx.update)(params, tx.init(params), params, x=XS[0],
+                              y=YS[0])
+
+  (whole_updates, whole_state), (updates, state) = (
+      step(None), step(sam_optax.Chunks(16, shared=True)))
+  assert int(whole_state.skipped_steps) == int(state.skipped_steps) == 0
+  for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(whole_updates)):
+    assert a.dtype == jnp.float16
+    np.testing.assert_allclose(np.asarray(a, np.float32),
+                               np.asarray(b, np.float32), rtol=4e-3)
+
+
+
 # --------------------------------------------------------------- devices --
 
 DEVICE_LAYOUTS = {

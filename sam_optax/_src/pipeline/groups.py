@@ -6,6 +6,14 @@ A *group* is what gets one perturbation: the whole batch (``layout=None``,
 ``fn(group) -> (averaged, stacked)``; a layout returns the mean of
 ``averaged`` over its groups on this device (float32) and ``stacked`` with a
 leading group axis. `device_mean` then averages over devices.
+
+Given a PRNG ``key``, a step is ``fn(group, key)`` with the group's own key:
+``key`` folded with the device's index (`PerDevice`; its sync group's
+number with ``groups=``, ``key`` itself for the whole axis with ``sync``),
+then with the chunk's index (`Chunks`). A step that does not start from
+the incoming gradient (bsam's noisy sample) builds its `Batch` with
+``updates=None``: its groups' ``clean_grad`` is None, and no clean gradient
+is computed or averaged.
 """
 
 from __future__ import annotations
@@ -22,7 +30,8 @@ from sam_optax._src.pipeline import layouts
 from sam_optax._src.pipeline.variant import Group
 
 PyTree = Any
-GroupStep = Callable[[Group], tuple[PyTree, PyTree]]
+# fn(group) -> (averaged, stacked), or fn(group, key) given a key.
+GroupStep = Callable[..., tuple[PyTree, PyTree]]
 
 
 class Batch(NamedTuple):
@@ -30,7 +39,7 @@ class Batch(NamedTuple):
 
   Attributes:
     owner: the transformation's name, for error messages.
-    updates: the incoming clean gradient.
+    updates: the incoming clean gradient (None: the step has none).
     params: the clean weights.
     loss_kwargs: the keyword arguments forwarded to ``loss_fn``.
     value_and_grad: ``(w, loss_kwargs) -> (loss, grad)``.
@@ -45,8 +54,12 @@ class Batch(NamedTuple):
   loss: Callable[[PyTree, dict], jax.Array]
 
 
-def _one_group(fn: GroupStep, group: Group):
-  averaged, stacked = fn(group)
+def _call(fn: GroupStep, group: Group, key):
+  return fn(group) if key is None else fn(group, key)
+
+
+def _one_group(fn: GroupStep, group: Group, key=None):
+  averaged, stacked = _call(fn, group, key)
   return (jax.tree.map(tree_math.wide, averaged),
           jax.tree.map(lambda x: jnp.expand_dims(x, 0), stacked))
 
@@ -104,7 +117,7 @@ def _examples(batch: Batch, kwargs: dict, default_names,
   return dict(losses_at=losses_at, grad_on=grad_on, mean=sync)
 
 
-def whole(fn: GroupStep, batch: Batch, clean=None, sync=_same):
+def whole(fn: GroupStep, batch: Batch, clean=None, sync=_same, key=None):
   """``layout=None``: the whole batch is one group.
 
   ``sync`` averages every loss and gradient over the group's devices
@@ -116,26 +129,43 @@ def whole(fn: GroupStep, batch: Batch, clean=None, sync=_same):
       clean_grad=batch.updates if clean is None else clean,
       grad_at=lambda w: sync(batch.value_and_grad(w, batch.loss_kwargs)),
       loss_at=lambda w: sync(batch.loss(w, batch.loss_kwargs)),
-      **_examples(batch, batch.loss_kwargs, None, sync)))
+      **_examples(batch, batch.loss_kwargs, None, sync)), key)
 
 
 def _largest_divisor(k: int, m: int) -> int:
   return max(d for d in range(1, min(k, m) + 1) if k % d == 0)
 
 
+def replicated(layout: layouts.Layout, tree: PyTree) -> PyTree:
+  """``tree`` (weights) replicated over the mesh of `mesh_chunks` chunks."""
+  chunks = layout if isinstance(layout, layouts.Chunks) else getattr(
+      layout, 'chunks', None)
+  if chunks is not None and isinstance(chunks.mode,
+                                       layouts.mesh_lib.MeshChunks):
+    return chunks.mode.replicate(tree)
+  return tree
+
+
 def chunked(fn: GroupStep, batch: Batch, chunks: layouts.Chunks, clean=None,
-            sync=_same):
+            sync=_same, key=None):
   """`Chunks`: one group per chunk, or (``shared``) one for all chunks."""
   split, mask, n = batching.split_into_chunks(
       batch.owner, batch.loss_kwargs, chunks.m, chunks.batch_argnames,
       chunks.shared_argnames)
-  if isinstance(chunks.mode, layouts.mesh_lib.MeshChunks):
-    batch = batch._replace(params=chunks.mode.replicate(batch.params))
+  batch = batch._replace(params=replicated(chunks, batch.params))
   mapped = lambda one: batching.over_chunks(one, split, mask, n, chunks.mode)
   if chunks.shared:
     def grad_at(w):
-      (loss, grad), _ = mapped(lambda kw: (batch.value_and_grad(w, kw), None))
-      return sync((loss, tree_math.tree_cast_like(grad, batch.params)))
+      dtypes = []  # each chunk's gradient's (the params' for jax.grad)
+
+      def one(kw):
+        loss, grad = batch.value_and_grad(w, kw)
+        dtypes.append(jax.tree.map(lambda g: g.dtype, grad))
+        return (loss, grad), None
+
+      (loss, grad), _ = mapped(one)  # summed in float32
+      return sync((loss, jax.tree.map(lambda g, d: g.astype(d), grad,
+                                      dtypes[-1])))
 
     def losses_at(w, names=None):
       names = _pick(names, chunks.batch_argnames)
@@ -162,18 +192,27 @@ def chunked(fn: GroupStep, batch: Batch, chunks: layouts.Chunks, clean=None,
         grad_at=grad_at,
         loss_at=lambda w: sync(mapped(lambda kw: (batch.loss(w, kw),
                                                   None))[0]),
-        losses_at=losses_at, grad_on=grad_on, mean=sync))
+        losses_at=losses_at, grad_on=grad_on, mean=sync), key)
 
-  def one_chunk(kw):
+  def one_chunk(kw, chunk_key=None):
     grad_at = lambda w: batch.value_and_grad(w, kw)
-    return fn(Group(clean_grad=grad_at(batch.params)[1], grad_at=grad_at,
-                    loss_at=lambda w: batch.loss(w, kw),
-                    **_examples(batch, kw, chunks.batch_argnames, _same)))
+    clean_grad = None if batch.updates is None else grad_at(batch.params)[1]
+    return _call(fn, Group(
+        clean_grad=clean_grad, grad_at=grad_at,
+        loss_at=lambda w: batch.loss(w, kw),
+        **_examples(batch, kw, chunks.batch_argnames, _same)), chunk_key)
 
-  return mapped(one_chunk)
+  if key is None:
+    return mapped(one_chunk)
+  # Chunk i's index rides along as one more split argument.
+  return batching.over_chunks(
+      lambda c: one_chunk(c['kwargs'], jax.random.fold_in(key, c['index'])),
+      {'kwargs': split, 'index': jnp.arange(n)},
+      {'kwargs': mask, 'index': True}, n, chunks.mode)
 
 
-def per_device(fn: GroupStep, batch: Batch, layout: layouts.PerDevice):
+def per_device(fn: GroupStep, batch: Batch, layout: layouts.PerDevice,
+               key=None):
   """`PerDevice`: one group per device (or per chunk of each device).
 
   With ``sync=True`` the group is the whole axis (or each of ``groups``):
@@ -186,19 +225,37 @@ def per_device(fn: GroupStep, batch: Batch, layout: layouts.PerDevice):
   batch = batch._replace(value_and_grad=lambda w, kw: value_and_grad(
       collectives.make_local(w, layout.axes, tracked), kw))
   sync = (lambda tree: sync_mean(tree, layout)) if layout.sync else _same
-  clean = sync(batch.updates)
+  clean = None if batch.updates is None else sync(batch.updates)
+  key = None if key is None else _device_key(layout, key)
   if layout.chunks is None:
-    return whole(fn, batch, clean, sync)
-  return chunked(fn, batch, layout.chunks, clean, sync)
+    return whole(fn, batch, clean, sync, key)
+  return chunked(fn, batch, layout.chunks, clean, sync, key)
 
 
-def map_groups(layout: layouts.Layout, fn: GroupStep, batch: Batch):
-  """Runs ``fn`` on every group of ``layout`` on this device."""
+def _device_key(layout: layouts.PerDevice, key):
+  """``key`` folded with this device's index (its sync group's number)."""
+  index = jax.lax.axis_index(layout.axis)
+  if not layout.sync:
+    return jax.random.fold_in(key, index)
+  if layout.groups is None:
+    return key  # one perturbation for the whole axis
+  group_of = {d: i for i, group in enumerate(layout.groups) for d in group}
+  numbers = jnp.asarray([group_of[d] for d in range(len(group_of))], jnp.int32)
+  return jax.random.fold_in(key, numbers[index])
+
+
+def map_groups(layout: layouts.Layout, fn: GroupStep, batch: Batch,
+               key=None):
+  """Runs ``fn`` on every group of ``layout`` on this device.
+
+  With a PRNG ``key``, ``fn(group, key)`` gets each group's own key (see
+  the module docstring).
+  """
   if layout is None:
-    return whole(fn, batch)
+    return whole(fn, batch, key=key)
   if isinstance(layout, layouts.Chunks):
-    return chunked(fn, batch, layout)
-  return per_device(fn, batch, layout)
+    return chunked(fn, batch, layout, key=key)
+  return per_device(fn, batch, layout, key)
 
 
 def chunk_groups(layout: layouts.Layout) -> bool:
@@ -232,8 +289,9 @@ def _check_local(batch: Batch, layout: layouts.PerDevice) -> bool:
   axes = set(layout.axes)
   tracked = any(axes & collectives.varying_axes(x) for x in jax.tree.leaves(
       (batch.updates, batch.loss_kwargs)))
-  if tracked and not any(axes <= collectives.varying_axes(g)
-                         for g in jax.tree.leaves(batch.updates)):
+  if tracked and batch.updates is not None and not any(
+      axes <= collectives.varying_axes(g)
+      for g in jax.tree.leaves(batch.updates)):
     raise ValueError(
         f'{batch.owner}: with layout={layout!r} the incoming gradient must be'
         " each device's own, but it is replicated over the axis: inside"

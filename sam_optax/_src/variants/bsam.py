@@ -2,283 +2,45 @@
 
 from __future__ import annotations
 
-import functools
-import numbers
-from typing import Any, Callable, NamedTuple, Sequence, cast
+from typing import Any, Callable, cast
 
 import jax
-import jax.core
 import jax.numpy as jnp
 import optax
 
-from sam_optax._src.core import batching
-from sam_optax._src.core import collectives
 from sam_optax._src.core import inject
-from sam_optax._src.core import mesh as mesh_lib
 from sam_optax._src.core import tree_math
 from sam_optax._src.core import validation
+from sam_optax._src.pipeline import groups
 from sam_optax._src.pipeline import layouts
 from sam_optax._src.pipeline import transformation
-from sam_optax._src.pipeline import variant as variant_lib
+from sam_optax._src.variants import bsam_parts as parts
 from sam_optax._src.variants import complete
+from sam_optax._src.variants.bsam_parts import BSAMState
+from sam_optax._src.variants.bsam_parts import noise_like
 
-PyTree = Any
+__all__ = ['BSAMState', 'bsam', 'noise_like']
+
 ScalarOrSchedule = validation.ScalarOrSchedule
-_OWNER = 'bsam'
+_OWNER = parts.OWNER
 
 
-class BSAMState(NamedTuple):
-  """State of `bsam`: the step count, the posterior's moments, the noise key.
+def _group_means(batch: groups.Batch, layout, precision, num_data, rho, key):
+  """`parts.group_step` on every group of ``layout``, averaged over them.
 
-  Attributes:
-    count: number of updates so far (int32); schedules are evaluated on it.
-    perturbed_loss: L(w + rho g / s) at the last update, float32.
-    grad_norm: ||g||, the norm of the gradient at the noisy sample, float32.
-    momentum: gm, the momentum of ``g_eps + delta w`` (float32, like params).
-    precision: s, the posterior's precision per parameter (float32, like
-      params; ``s_init`` before the first update).
-    key: the raw PRNG key data (uint32) of the next noise sample.
-    skipped_steps: the number of steps refused because a gradient, a loss
-      or the update was not finite, or a traced hyperparameter was out of
-      bounds (int32); such a step leaves every other field as it was (the
-      key too: the next step draws the noise the refused one drew).
+  The groups are the pipeline's (`groups.map_groups`), each with its own
+  noise key (``key`` folded with its device's or sync group's index, then
+  its chunk's). Returns ``(L(w + rho g / s), g_eps, sqrt(s g^2), ||g||)``,
+  the same on every device (`groups.reduce_step`: one all-reduce).
   """
-
-  count: jax.Array
-  perturbed_loss: jax.Array
-  grad_norm: jax.Array
-  momentum: PyTree
-  precision: PyTree
-  key: jax.Array
-  skipped_steps: jax.Array
-
-
-def noise_like(key: jax.Array, params: PyTree) -> PyTree:
-  """Standard normal noise like ``params`` (float32): leaf i uses
-  ``jax.random.normal(jax.random.fold_in(key, i), shape)``."""
-  leaves, treedef = jax.tree.flatten(params)
-  return jax.tree.unflatten(treedef, [
-      jax.random.normal(jax.random.fold_in(key, i), jnp.shape(p), jnp.float32)
-      for i, p in enumerate(leaves)])
-
-
-# Every hyperparameter's interval: a number is checked when bsam is built, a
-# traced or scheduled value at every step (out of it, the step is skipped).
-_BOUNDS = {
-    'learning_rate': variant_lib.NONNEGATIVE,
-    'rho': variant_lib.NONNEGATIVE,
-    'num_data': variant_lib.POSITIVE,
-    'beta1': variant_lib.BELOW_ONE,
-    'beta2': variant_lib.BELOW_ONE,
-    'prior_prec': variant_lib.NONNEGATIVE,
-    'damping': variant_lib.NONNEGATIVE,
-    's_init': variant_lib.POSITIVE,
-}
-_SCHEDULABLE = ('learning_rate', 'rho')
-# A float16 gradient that overflows is taken again on the loss times this
-# (a power of two, a normal float16), then divided back in float32.
-_LOSS_SCALE = 2.0 ** -14
-
-
-def _value(value, count):
-  return jnp.asarray(value(count) if callable(value) else value, jnp.float32)
-
-
-def _is_static(value) -> bool:
-  return not (callable(value) or isinstance(value, jax.core.Tracer))
-
-
-def _check_static(name, value):
-  """A number out of ``name``'s interval is an error; traced values pass."""
-  bound = _BOUNDS[name]
-  if name == 'num_data' and _is_static(value) and (
-      isinstance(value, bool) or not isinstance(value, numbers.Real)
-      or not 0 < float(value) < float('inf')):
-    raise ValueError(f'{_OWNER}: num_data must be a number > 0 (the size of'
-                     f' the training set), got {value!r}.')
-  validation.check_number(_OWNER, name, value,
-                          allow_zero=not bound.low_open,
-                          allow_schedule=name in _SCHEDULABLE)
-  if _is_static(value) and not bound.holds(float(value)):
-    raise ValueError(f'{_OWNER}: {name} must be < {bound.high} ({bound}),'
-                     f' got {float(value):g}.')
-
-
-def _check(hyperparams):
-  for name, value in hyperparams.items():
-    _check_static(name, value)
-
-
-def _in_bounds(hyperparams) -> jax.Array:
-  """Whether every value at this step (float32) lies in its interval."""
-  return functools.reduce(jnp.logical_and, [
-      _BOUNDS[name].holds(value) for name, value in hyperparams.items()])
-
-
-def _as_float32(value):
-  """A number stays a Python float (the authors' constants); else float32."""
-  return float(value) if _is_static(value) else jnp.asarray(
-      value, jnp.float32)
-
-
-def _split_betas(betas):
-  if not (isinstance(betas, Sequence) and len(betas) == 2):
-    raise TypeError(f'{_OWNER}: betas must be a pair (beta1, beta2), got'
-                    f' {betas!r}.')
-  return tuple(betas)
-
-
-def _has_float16(params) -> bool:
-  return any(jnp.result_type(p) == jnp.float16
-             for p in jax.tree.leaves(params))
-
-
-def _value_and_grad(scalar_loss, float16: bool):
-  """``(w, kw) -> (L, grad)``; float16 params: a float32 gradient.
-
-  With float16 parameters the gradient at the ascent's point can exceed
-  float16's range while the loss is finite: then it is taken again on the
-  loss times 2^-14 and divided back in float32 (one more pass, only then).
-  """
-  plain = jax.value_and_grad(scalar_loss)
-  if not float16:
-    return plain
-
-  def widened(w, kw):
-    loss, grad = plain(w, kw)
-
-    def rescaled():
-      _, small = jax.value_and_grad(
-          lambda p: scalar_loss(p, kw) * _LOSS_SCALE)(w)
-      return jax.tree.map(
-          lambda g: g.astype(jnp.float32) / _LOSS_SCALE, small)
-
-    wide = jax.tree.map(lambda g: g.astype(jnp.float32), grad)
-    overflowed = jnp.isfinite(jnp.asarray(loss, jnp.float32)) & (
-        ~tree_math.all_finite(wide))
-    return loss, jax.lax.cond(overflowed, rescaled, lambda: wide)
-
-  return widened
-
-
-class _Examples(NamedTuple):
-  """What one perturbation sees: the gradient on its examples at a point."""
-
-  grad: Callable[[PyTree], PyTree]
-  value_and_grad: Callable[[PyTree], tuple[jax.Array, PyTree]]
-
-
-def _on(value_and_grad, loss_kwargs, local) -> _Examples:
-  """The loss on ``loss_kwargs``, differentiated at ``local(w)``."""
-  return _Examples(
-      grad=lambda w: value_and_grad(local(w), loss_kwargs)[1],
-      value_and_grad=lambda w: value_and_grad(local(w), loss_kwargs))
-
-
-def _accumulated(value_and_grad, loss_kwargs, chunks, local) -> _Examples:
-  """``Chunks(m, shared=True)``: the mean over the chunks, one at a time."""
-  split, mask, n = batching.split_into_chunks(
-      _OWNER, loss_kwargs, chunks.m, chunks.batch_argnames,
-      chunks.shared_argnames)
-
-  def mean(f):
-    return batching.over_chunks(lambda kw: (f(kw), None), split, mask, n,
-                                chunks.mode)[0]
-
-  return _Examples(
-      grad=lambda w: mean(lambda kw: value_and_grad(local(w), kw)[1]),
-      value_and_grad=lambda w: mean(lambda kw: value_and_grad(local(w), kw)))
-
-
-def _group_step(params, precision, num_data, rho, sync, key, examples):
-  """One perturbation: its noise, g, the ascent and g_eps.
-
-  Returns ``(L(w + rho g / s), g_eps, sqrt(s g^2), ||g||)``: what the
-  weights' and the precision's updates consume, averaged over groups.
-  """
-  noise = noise_like(key, params)
-  noisy = jax.tree.map(
-      lambda w, n, s: (w + jnp.sqrt(1.0 / (num_data * s)) * n).astype(
-          w.dtype), params, noise, precision)
-  grad = sync(examples.grad(noisy))
-  perturbed = jax.tree.map(lambda w, g, s: (w + rho * g / s).astype(w.dtype),
-                           params, grad, precision)
-  loss, grad_eps = examples.value_and_grad(perturbed)
-  scaled = jax.tree.map(
-      lambda s, g: jnp.sqrt(s * jnp.square(g.astype(jnp.float32))),
-      precision, grad)
-  return loss, grad_eps, scaled, jnp.asarray(tree_math.tree_norm(grad),
-                                             jnp.float32)
-
-
-def _device_key(key, layout: layouts.PerDevice):
-  """The key of this device's perturbation: its own, or its sync group's."""
-  layouts.check_bound(_OWNER, layout)
-  index = jax.lax.axis_index(layout.axis)
-  if not layout.sync:
-    return jax.random.fold_in(key, index)
-  if layout.groups is None:
-    return key  # one perturbation for the whole axis
-  group_of = [0] * sum(len(g) for g in layout.groups)
-  for number, group in enumerate(layout.groups):
-    for device in group:
-      group_of[device] = number
-  return jax.random.fold_in(key, jnp.asarray(group_of, jnp.int32)[index])
-
-
-def _over_groups(value_and_grad, layout, loss_kwargs, params, precision,
-                 num_data, rho, key):
-  """The group step over ``layout``'s groups, averaged over every group.
-
-  The groups are those of the SAM pipeline (`groups.map_groups`): the batch,
-  each chunk, each device (or each chunk of each device); only their noise
-  keys are bSAM's own. Chunk i's key is ``fold_in(key, i)``, device d's
-  ``fold_in(key, d)`` (its chunks fold again).
-  """
-  sync = local = lambda tree: tree  # one device: nothing to mark or sync
-  chunks = layout
-  if isinstance(layout, layouts.PerDevice):
-    axes, chunks = layout.axes, layout.chunks
-    key = _device_key(key, layout)
-    # shard_map with check_vma: a gradient at replicated weights is summed
-    # over the devices; take every gradient at weights marked varying.
-    tracked = collectives.tracks_variance(loss_kwargs, axes)
-    local = lambda w: collectives.make_local(w, axes, tracked)
-    if layout.sync:
-      if layout.groups is not None:
-        collectives.check_groups(_OWNER, layout.axis, layout.groups)
-      sync = lambda tree: collectives.mean(tree, axes, layout.groups)
-  if chunks is not None and isinstance(chunks.mode, mesh_lib.MeshChunks):
-    params, precision = chunks.mode.replicate((params, precision))
-  step = lambda k, examples: _group_step(params, precision, num_data, rho,
-                                         sync, k, examples)
-  if chunks is None:
-    result = step(key, _on(value_and_grad, loss_kwargs, local))
-  elif chunks.shared:
-    result = step(key, _accumulated(value_and_grad, loss_kwargs, chunks,
-                                        local))
-  else:
-    split, mask, n = batching.split_into_chunks(
-        _OWNER, loss_kwargs, chunks.m, chunks.batch_argnames,
-        chunks.shared_argnames)
-    keys = jax.random.key_data(jax.vmap(
-        lambda i: jax.random.fold_in(key, i))(jnp.arange(n)))
-
-    def one_chunk(chunk):
-      examples = _on(value_and_grad, chunk['kwargs'], local)
-      return step(jax.random.wrap_key_data(chunk['key']), examples), None
-
-    result, _ = batching.over_chunks(
-        one_chunk, {'kwargs': split, 'key': keys},
-        {'kwargs': mask, 'key': True}, n, chunks.mode)
-  if not isinstance(layout, layouts.PerDevice):
-    return result
-  loss, grad_eps, scaled, grad_norm = result
-  if layout.sync and layout.groups is None:
-    # g is the axis' own already: so are sqrt(s g^2) and ||g||.
-    loss, grad_eps = collectives.mean((loss, grad_eps), layout.axes)
-    return loss, grad_eps, scaled, grad_norm
-  return collectives.mean(result, layout.axes)  # one all-reduce
+  params, precision = groups.replicated(layout, (batch.params, precision))
+  step = lambda group, k: parts.group_step(params, precision, num_data, rho,
+                                           group, k)
+  (loss, grad_eps, scaled, grad_norm), _ = groups.map_groups(
+      layout, step, batch, key=key)
+  grad_eps, (loss, grad_norm), scaled = groups.reduce_step(
+      layout, grad_eps, (loss, grad_norm), scaled)
+  return loss, grad_eps, scaled, grad_norm
 
 
 @inject.record_annealable
@@ -437,17 +199,18 @@ def bsam(
     <https://arxiv.org/abs/2210.01620>`_, ICLR 2023.
   """
   validation.check_loss_fn(_OWNER, loss_fn)
-  beta1, beta2 = _split_betas(betas)
+  beta1, beta2 = parts.split_betas(betas)
   hyperparams = dict(learning_rate=learning_rate, rho=rho, num_data=num_data,
                      beta1=beta1, beta2=beta2, prior_prec=prior_prec,
                      damping=damping, s_init=s_init)
-  _check(hyperparams)
+  parts.check_hyperparams(hyperparams)
   validation.check_bool(_OWNER, 'has_aux', has_aux)
   layout = layouts.check_layout(_OWNER, layout)
   scalar_loss = validation.checked_scalar_loss(_OWNER, loss_fn, has_aux)
   accepted = transformation.forwarded_names(loss_fn)
-  constants = {name: _as_float32(value) for name, value in hyperparams.items()
-               if name not in _SCHEDULABLE}
+  constants = {name: parts.as_float32(value)
+               for name, value in hyperparams.items()
+               if name not in parts.SCHEDULABLE}
   beta1, beta2, damp, n = (
       constants[name] for name in ('beta1', 'beta2', 'damping', 'num_data'))
   delta = constants['prior_prec'] / n
@@ -466,14 +229,19 @@ def bsam(
     validation.check_same_tree(_OWNER, updates, params)
     validation.check_state(_OWNER, state, init_fn, params)
     validation.check_real(_OWNER, params)
-    lr, r = _value(learning_rate, state.count), _value(rho, state.count)
-    ok = _in_bounds({**constants, 'learning_rate': lr, 'rho': r})
+    lr = parts.value_at(learning_rate, state.count)
+    r = parts.value_at(rho, state.count)
+    ok = parts.in_bounds({**constants, 'learning_rate': lr, 'rho': r})
     loss_kwargs = {k: v for k, v in extra_args.items()
                    if accepted is None or k in accepted}
+    # No clean gradient: each group starts from its own noisy sample.
+    batch = groups.Batch(
+        _OWNER, None, params, loss_kwargs,
+        parts.value_and_grad(scalar_loss, parts.has_float16(params)),
+        scalar_loss)
     key, sub = jax.random.split(jax.random.wrap_key_data(state.key))
-    loss, grad_eps, scaled, grad_norm = _over_groups(
-        _value_and_grad(scalar_loss, _has_float16(params)), layout,
-        loss_kwargs, params, state.precision, n, r, sub)
+    loss, grad_eps, scaled, grad_norm = _group_means(
+        batch, layout, state.precision, n, r, sub)
     s = state.precision
     momentum = jax.tree.map(
         lambda m, ge, w: beta1 * m + (1 - beta1) * (
