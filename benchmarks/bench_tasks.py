@@ -110,7 +110,12 @@ class Setup:
     if self.task.base == 'sgd':
       return optax.cosine_decay_schedule(peak, self.steps)
     warmup = int(self.task.warmup_fraction * self.steps)
-    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, self.steps)
+    if isinstance(peak, (int, float)):
+      return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, self.steps)
+    # A traced peak (the lr sweep): optax's schedule compares it in Python;
+    # with init and end values 0 the schedule scales with its peak.
+    unit = optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup, self.steps)
+    return lambda count: peak * unit(count)
 
   def base(self):
     if self.task.base == 'sgd':
