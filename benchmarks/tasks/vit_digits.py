@@ -22,6 +22,7 @@ SPLIT_SEED = 0                     # the split never depends on the run seed
 
 # width, heads, blocks, MLP width, batch size per size; the width tells the
 # sizes apart (the loss finds the model's structure from the parameters).
+# 'full' costs ~8 ms of CPU time a step on this machine (width 64: ~15 ms).
 SIZES = {
     'quick': dict(width=16, heads=2, depth=1, mlp=32, batch=32),
     'full': dict(width=32, heads=4, depth=2, mlp=64, batch=64),
@@ -162,8 +163,9 @@ TASK = protocol.Task(
         ' train / 297 val / 500 test, stratified, fixed): 16 patches of 2x2'
         ' pixels, linear patch embedding, a class token, learned position'
         ' embeddings, 2 pre-norm blocks (LayerNorm, 4-head self-attention,'
-        ' GELU MLP 64-128-64), width 64, ~68k parameters; AdamW with linear'
-        ' warm-up then cosine, batch 64, no augmentation, no dropout.'),
+        ' GELU MLP 32-64-32), width 32, 18k parameters; AdamW with linear'
+        ' warm-up then cosine, batch 64, 800 steps (51 epochs), no'
+        ' augmentation, no dropout; it fits the training set (100 %).'),
     metric_name='test accuracy %',
     higher_is_better=True,
     base='adamw',
@@ -175,7 +177,11 @@ TASK = protocol.Task(
     # 3e-4: 86.5, 86.2 (train 94.7, 93.0); 1e-3: 88.6, 86.5; 3e-3: 93.3,
     # 92.3; 1e-2: 96.0, 95.3; 3e-2: 95.6, 94.6.
     lr_grid=(3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
-    rho_grid=(0.01, 0.02, 0.05, 0.1, 0.2),
+    # SAM at lr 1e-2, validation accuracy % (seeds 0, 1; AdamW alone: 96.0,
+    # 95.3): rho 0.01: 95.3, 93.9; 0.02: 96.6, 94.3; 0.05: 96.6, 95.6; 0.1:
+    # 95.3, 95.6; 0.2: 96.3, 96.0; 0.5: 91.6, 94.6 (train 95.0, 97.6). One
+    # image is 0.34 points: SAM's gain here is a point at most.
+    rho_grid=(0.02, 0.05, 0.1, 0.2, 0.5),
     steps={'quick': 20, 'full': 800},
     num_data={'quick': SPLIT['train'], 'full': SPLIT['train']},
     load=load,
