@@ -194,6 +194,21 @@ def configs(best_rho, has_norm):
              {'rho': best_rho}, 'sam'),
       *variant_configs(best_rho),
   ]
+  # The moonshot's candidates: SAM only in the last 20 % (10 %) of the
+  # steps, the base optimizer before (looksam's schedule with k=1: every
+  # step from `start` is a SAM step). And LookSAM as documented for a user
+  # who gives total_steps (its first SAM step at 20 % of training).
+  late = lambda fraction: lambda s, **h: s.variant(
+      'looksam', k=1, start=int((1 - fraction) * s.steps), **h)
+  rows += [
+      Config('late SAM 20%', late(0.2), 1.2, False, {'rho': best_rho},
+             'late20'),
+      Config('late SAM 10%', late(0.1), 1.1, False, {'rho': best_rho},
+             'late10'),
+      Config('looksam total_steps', lambda s, **h: s.variant(
+          'looksam', total_steps=s.steps, **h), 1 + 0.8 / 8, False,
+             {'rho': best_rho}, 'looksam_t'),
+  ]
   if has_norm:
     rows.append(Config('SAM-ON', lambda s, **h: s.variant(
         'sam', perturbation_mask=sam_optax.normalization_mask, **h), 2, False,
@@ -763,6 +778,18 @@ def parse_args(argv):
   return args
 
 
+def save(name, result):
+  """Writes one task's results; the JSON is read again just before, so two
+  runs on different tasks side by side (one per core) keep each other's."""
+  merged = json.loads(JSON_PATH.read_text()) if JSON_PATH.exists() else {}
+  merged[name] = result
+  RESULTS.mkdir(exist_ok=True)
+  JSON_PATH.write_text(json.dumps(merged, indent=1, default=float) + '\n')
+  MD_PATH.write_text(document(merged))
+  replot(merged)
+  print('wrote', MD_PATH, JSON_PATH, flush=True)
+
+
 def main(argv=None):
   args = parse_args(argv)
   stored = json.loads(JSON_PATH.read_text()) if JSON_PATH.exists() else {}
@@ -776,14 +803,9 @@ def main(argv=None):
     previous = None if args.quick else stored.get(name)
     results[name] = run_task(name, args, stages, previous)
     print(task_markdown(results[name]), flush=True)
-  if not args.quick:
-    merged = {**stored, **results}
-    RESULTS.mkdir(exist_ok=True)
-    JSON_PATH.write_text(json.dumps(merged, indent=1, default=float) + '\n')
-    MD_PATH.write_text(document(merged))
-    replot(merged)
-    print('wrote', MD_PATH, JSON_PATH)
-  else:
+    if not args.quick:
+      save(name, results[name])
+  if args.quick:
     summaries = {n: summarize_main(r['main'], r['higher_is_better'])
                  for n, r in results.items() if 'main' in r}
     if summaries:
