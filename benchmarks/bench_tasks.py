@@ -456,9 +456,13 @@ def _f(value, digits=2):
   return 'diverged' if not math.isfinite(value) else f'{value:.{digits}f}'
 
 
+def _m(value):
+  """A metric: 3 decimals below 10 (a loss in nats), else 2."""
+  return _f(value, 3 if math.isfinite(value) and abs(value) < 10 else 2)
+
+
 def _seeds(values):
-  return ' '.join('NaN' if not math.isfinite(v) else f'{v:.2f}'
-                  for v in values)
+  return ' '.join('NaN' if not math.isfinite(v) else _m(v) for v in values)
 
 
 def sweep_table(runs, key_name):
@@ -466,7 +470,7 @@ def sweep_table(runs, key_name):
            '|---|---|---|']
   for key, values in runs.items():
     mean, std = mean_std(values)
-    cell = (f'{_f(mean)} ± {_f(std)}' if math.isfinite(mean) else
+    cell = (f'{_m(mean)} ± {_m(std)}' if math.isfinite(mean) else
             f'diverged on {len(values) - len(finite(values))} of'
             f' {len(values)} seeds')
     lines.append(f'| {key} | {cell} | {_seeds(values)} |')
@@ -479,7 +483,7 @@ def main_table(rows):
            ' gradients / step (nominal) | SAM steps (measured) |',
            '|---|---|---|---|---|---|---|---|']
   for name, r in rows.items():
-    metric = (f"{_f(r['mean'])} ± {_f(r['std'])}" if not r['diverged'] else
+    metric = (f"{_m(r['mean'])} ± {_m(r['std'])}" if not r['diverged'] else
               f"diverged on {r['diverged']} of {len(r['metric'])} seeds")
     kept = (f"{r['kept']:.0f} ± {r['kept_std']:.0f}"
             if math.isfinite(r['kept']) else 'n/a')
