@@ -260,6 +260,31 @@ def test_has_aux_and_named_batch_arguments():
     tx.update(grads, tx.init(PARAMS), PARAMS, x=X, y=Y, scale=scale)
 
 
+def test_a_training_loop_loss_names_esams_own_fix():
+  # The benchmark study's loss shape: a batch, model statistics and a raw
+  # dropout key. The automatic rule takes all three for examples; the
+  # message names esam's own batch_argnames (not only Chunks').
+  def loss(params, *, batch, model_state, key):
+    del key
+    return loss_fn(params, batch['x'], batch['y']) + 0 * jnp.sum(
+        model_state['mean']), model_state
+
+  kwargs = dict(batch={'x': X, 'y': Y}, model_state={'mean': jnp.zeros(5)},
+                key=jax.random.PRNGKey(0))
+  grads = jax.grad(lambda p: loss(p, **kwargs)[0])(PARAMS)
+  tx = sam_optax.esam(loss, rho=RHO, gamma=0.5, has_aux=True)
+  with pytest.raises(ValueError, match=r"\['key'\]\": 2.*of esam\(\.\.\.\)"):
+    tx.update(grads, tx.init(PARAMS), PARAMS, **kwargs)
+  tx = sam_optax.esam(loss, rho=RHO, gamma=0.5, has_aux=True,
+                      batch_argnames=('batch',))
+  named = tx.update(grads, tx.init(PARAMS), PARAMS, **kwargs)[0]
+  plain = sam_optax.esam(lambda params, x, y: loss_fn(params, x, y), rho=RHO,
+                         gamma=0.5)
+  reference = plain.update(grads, plain.init(PARAMS), PARAMS, x=X, y=Y)[0]
+  for a, b in zip(jax.tree.leaves(named), jax.tree.leaves(reference)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize('gamma', [0.0, -0.5, 1.5, 'half', True, None,
                                    optax.constant_schedule(0.5),
                                    float('nan')])

@@ -23,10 +23,11 @@ SEQUENTIAL = 'sequential'
 VECTORIZED = 'vectorized'
 ChunkMode = Union[str, mesh_lib.MeshChunks]
 _NAMING_HINT = (
-    ' Name the per-example arguments with Chunks(m, batch_argnames=(...))'
-    ' (the others then go to every chunk whole), or the shared ones with'
-    ' Chunks(m, shared_argnames=(...)), pass what is not per-example as a'
-    ' scalar (a typed key from jax.random.key(...) rather than a raw'
+    ' Name the per-example arguments with batch_argnames=(...) -- of'
+    ' Chunks(m, ...), or of esam(...) for its per-example losses -- (the'
+    ' others then go whole to every chunk or example), or the shared ones'
+    ' with Chunks(m, shared_argnames=(...)), pass what is not per-example as'
+    ' a scalar (a typed key from jax.random.key(...) rather than a raw'
     ' PRNGKey of shape (2,)), or close over it in loss_fn.'
 )
 
@@ -83,8 +84,9 @@ def batch_size(owner: str, loss_kwargs: Mapping[str, Any],
   if len(set(sizes.values())) != 1:
     raise ValueError(
         f'{owner}: the batch arrays disagree on their leading (batch)'
-        f' dimension: {sizes}. Every batch array is split into chunks, so'
-        ' each must hold the same number of examples.' + _NAMING_HINT
+        f' dimension: {sizes}. Every batch array is split (into chunks or'
+        ' examples), so each must hold the same number of examples.'
+        + _NAMING_HINT
     )
   if batch_argnames is None:
     for where, (path, leaf) in zip(jax.tree.leaves(mask), flat):
