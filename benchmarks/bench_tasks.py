@@ -196,8 +196,8 @@ def configs(best_rho, has_norm):
   ]
   # The moonshot's candidates: SAM only in the last 20 % (10 %) of the
   # steps, the base optimizer before (looksam's schedule with k=1: every
-  # step from `start` is a SAM step). And LookSAM as documented for a user
-  # who gives total_steps (its first SAM step at 20 % of training).
+  # step from `start` is a SAM step). And LookSAM with its first SAM step at
+  # 20 % of training (0.2's default for a user who gave total_steps).
   late = lambda fraction: lambda s, **h: s.variant(
       'looksam', k=1, start=int((1 - fraction) * s.steps), **h)
   rows += [
@@ -205,8 +205,8 @@ def configs(best_rho, has_norm):
              'late20'),
       Config('late SAM 10%', late(0.1), 1.1, False, {'rho': best_rho},
              'late10'),
-      Config('looksam total_steps', lambda s, **h: s.variant(
-          'looksam', total_steps=s.steps, **h), 1 + 0.8 / 8, False,
+      Config('looksam from 20%', lambda s, **h: s.variant(
+          'looksam', start=int(0.2 * s.steps), **h), 1 + 0.8 / 8, False,
              {'rho': best_rho}, 'looksam_t'),
   ]
   if has_norm:

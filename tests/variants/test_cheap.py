@@ -11,6 +11,7 @@ msam included, in test_battery.py.
 
 import re
 from typing import NamedTuple, Unpack
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -117,12 +118,20 @@ def test_looksam_start_is_sgd_then_looksam():
   assert flags == [False] * 3 + [True, False] * 2 + [True]
 
 
-def test_looksam_default_start_is_a_fifth_of_total_steps():
+def test_looksam_deprecated_total_steps_still_starts_at_a_fifth():
   # total_steps=15: start = floor(0.2 * 15) = 3; default k = 8 (one SAM step
   # in 8 steps), so steps 4-7 reuse the g_v stored at step 3.
-  flags = check(sam_optax.looksam(loss_fn, rho=0.3, total_steps=15),
-                looksam_reference(0.3, 8, 0.7, False, start=3))
+  with pytest.warns(DeprecationWarning, match=r'total_steps is deprecated'
+                    r'.*start=3.*pass start='):
+    tx = sam_optax.looksam(loss_fn, rho=0.3, total_steps=15)
+  flags = check(tx, looksam_reference(0.3, 8, 0.7, False, start=3))
   assert flags == [False] * 3 + [True] + [False] * 4
+  # The default start is 0, given total_steps or not, once start is named.
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    flags = check(sam_optax.looksam(loss_fn, rho=0.3, total_steps=15, start=0),
+                  looksam_reference(0.3, 8, 0.7, False, start=0))
+  assert flags == [True] + [False] * 7
 
 
 def test_random_sam_coin_and_interval():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import NamedTuple, Optional, Unpack
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -130,39 +131,15 @@ def looksam(
   the base optimizer's update; ``g_v`` is kept as a tree like the
   parameters (no flattening).
 
-  **Schedule** (``start``; ours, from a calibration run, not in
-  the paper). The SAM steps are :math:`t = s, s + k, s + 2k, \dots` with
-  :math:`s` = ``start``; before step :math:`s` there is no SAM step and
-  :math:`g_v = 0`, so those steps hand on :math:`g_0` exactly (SGD). With
-  :math:`T` steps in all, the fraction of SAM steps is
-  :math:`\lceil (T - s)/k \rceil / T`. Given ``total_steps`` :math:`T`,
-  the default ``start`` is :math:`\lfloor 0.2\, T \rfloor`; without it
-  ``start`` defaults to 0 (the paper's schedule). The defaults ``k=8`` and
-  ``start = 0.2 T`` are ours: on MNIST-1D with 30 % label noise
-  (benchmarks/results/efficient.md, 3 seeds) they kept 216 % of SAM's
-  test-accuracy gain over SGD at 1.18x SGD's time per step (1.10
-  gradients a step), and 248 % at 1.16x on a task the tuning never saw
-  (10 % noise, another data seed). Most of that gain is not SAM's: it
-  exceeds SAM's, so the reused, stale direction acts as a regularizer of
-  its own; treat it as a measured result on noisy labels, not a
-  guarantee. ``per_tensor=False`` (default) uses the global
+  **Schedule.** The SAM steps are :math:`t = s, s + k, s + 2k, \dots`
+  with :math:`s` = ``start`` (default 0, the paper's schedule); before step
+  :math:`s` there is no SAM step and :math:`g_v = 0`, so those steps hand
+  on :math:`g_0` exactly. ``per_tensor=False`` (default) uses the global
   vectors, as the paper's Algorithm 1; ``per_tensor=True`` does the
-  projection, cosine and norm ratio per parameter leaf.
-
-  **Peers.** pytorch-optimizer 4.x's ``LookSAM`` and the rollovd port work
-  per tensor (``per_tensor=True`` here) and divide by ``||g_v|| + 1e-8``
-  and ``||g0|| + perturb_eps``; here every division is exact and zero-safe
-  (a zero :math:`g_v` adds nothing). Otherwise ``per_tensor=True`` is
-  pytorch-optimizer 4.1's ``LookSAM(adaptive=False)``: SAM on the steps
-  :math:`t \equiv 0 \pmod k` of its own count (``start=0``), the same
-  per-tensor projection, and the same reuse. benchmarks/crosscheck_family.py
-  runs both for 10 steps (k=3, SGD with momentum behind): max relative
-  error 6.1e-6 in float32 and 3.4e-6 in float64; with torch's ``+ 1e-8``
-  added to ours the float64 error is 1.6e-8, so that constant is the whole
-  difference. (The float32 error grows with the steps because :math:`g_v`
-  is a difference of two nearly parallel gradients, which loses digits.)
-  On a reuse step ``perturbed_loss`` keeps the last SAM step's value. The
-  paper uses k=5.
+  projection, cosine and norm ratio per parameter leaf. On a reuse step
+  ``perturbed_loss`` keeps the last SAM step's value. The measured
+  behaviour of the defaults, and how they compare with peers' ports, are in
+  the docs (variants/cheap.md, guide/choosing.md).
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -186,11 +163,10 @@ def looksam(
       ``(loss, aux)`` with ``has_aux=True``.
     rho: radius of the ascent, a number >= 0 or a schedule.
     k: a SAM step every k steps (an int >= 1; 1 is SAM).
-    total_steps: the length of training (a static int >= 1), used only for
-      the default ``start``.
-    start: the first SAM step (a static int >= 0; ours, see above): steps
-      before it are plain g0 steps. Default: 20 % of ``total_steps``, or 0
-      without it.
+    total_steps: deprecated (a `DeprecationWarning`): given without
+      ``start``, it still moves the first SAM step to 20 % of it.
+    start: the first SAM step (a static int >= 0, default 0): steps before
+      it are plain g0 steps.
     alpha: weight of the reused direction, a number >= 0 or a schedule.
     per_tensor: the projection and norms per parameter leaf (as
       pytorch-optimizer) instead of over the whole vector (the paper).
@@ -210,6 +186,13 @@ def looksam(
   if total_steps is not None:
     total_steps = validation.check_static_int('looksam', 'total_steps',
                                               total_steps, minimum=1)
+    if start is None:
+      warnings.warn(
+          'looksam: total_steps is deprecated: it only moved the first SAM'
+          f' step to 20 % of training (start={int(START_FRACTION * total_steps)}'
+          ' here). The default start is 0 whether or not total_steps is'
+          ' given in a later release; pass start= to keep a late start.',
+          DeprecationWarning, stacklevel=2)
   if start is None:
     start = 0 if total_steps is None else int(START_FRACTION * total_steps)
   start = validation.check_static_int('looksam', 'start', start, minimum=0)
