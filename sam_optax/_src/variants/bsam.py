@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, cast
 
 import jax
@@ -215,14 +216,7 @@ def bsam(
       constants[name] for name in ('beta1', 'beta2', 'damping', 'num_data'))
   delta = constants['prior_prec'] / n
 
-  def init_fn(params):
-    f32 = lambda value: jax.tree.map(
-        lambda p: jnp.full(jnp.shape(p), value, jnp.float32), params)
-    zero = jnp.zeros([], jnp.float32)
-    return BSAMState(count=jnp.zeros([], jnp.int32), perturbed_loss=zero,
-                     grad_norm=zero, momentum=f32(0.0), precision=f32(s_init),
-                     key=jax.random.key_data(jax.random.key(seed)),
-                     skipped_steps=complete.no_skipped_steps())
+  init_fn = functools.partial(parts.initial_state, s_init=s_init, seed=seed)
 
   def update_fn(updates, state, params=None, **extra_args):
     validation.check_params_given(_OWNER, params)
@@ -242,16 +236,10 @@ def bsam(
     key, sub = jax.random.split(jax.random.wrap_key_data(state.key))
     loss, grad_eps, scaled, grad_norm = _group_means(
         batch, layout, state.precision, n, r, sub)
-    s = state.precision
-    momentum = jax.tree.map(
-        lambda m, ge, w: beta1 * m + (1 - beta1) * (
-            ge.astype(jnp.float32) + delta * w.astype(jnp.float32)),
-        state.momentum, grad_eps, params)
+    momentum, precision = parts.posterior_step(
+        state, grad_eps, scaled, params, beta1, beta2, damp, delta)
     out = jax.tree.map(lambda m, si, u: (-lr * m / si).astype(u.dtype),
-                       momentum, s, updates)
-    precision = jax.tree.map(
-        lambda si, gs: beta2 * si + (1 - beta2) * (gs + damp + delta),
-        s, scaled)
+                       momentum, state.precision, updates)
     new_state = BSAMState(
         # optax types it as any number; an int32 array in, one out.
         count=cast(jax.Array, optax.safe_increment(state.count)),

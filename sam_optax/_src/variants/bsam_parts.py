@@ -14,6 +14,7 @@ from sam_optax._src.core import tree_math
 from sam_optax._src.core import validation
 from sam_optax._src.pipeline import variant as variant_lib
 from sam_optax._src.pipeline.variant import Group
+from sam_optax._src.variants import complete
 
 PyTree = Any
 OWNER = 'bsam'
@@ -174,3 +175,31 @@ def group_step(params, precision, num_data, rho, group: Group, key):
       precision, grad)
   norm = jnp.asarray(tree_math.tree_norm(grad), jnp.float32)
   return (loss, grad_eps, scaled, norm), ()
+
+
+def initial_state(params: PyTree, s_init: float, seed: int) -> BSAMState:
+  """Count 0, zero diagnostics and momentum, precision ``s_init``, the key."""
+  f32 = lambda value: jax.tree.map(
+      lambda p: jnp.full(jnp.shape(p), value, jnp.float32), params)
+  zero = jnp.zeros([], jnp.float32)
+  return BSAMState(count=jnp.zeros([], jnp.int32), perturbed_loss=zero,
+                   grad_norm=zero, momentum=f32(0.0), precision=f32(s_init),
+                   key=jax.random.key_data(jax.random.key(seed)),
+                   skipped_steps=complete.no_skipped_steps())
+
+
+def posterior_step(state: BSAMState, grad_eps, scaled, params, beta1, beta2,
+                   damp, delta):
+  """The new momentum m and precision s (the paper's Algorithm 1):
+
+  m = beta1 m + (1 - beta1) (g_eps + delta w),
+  s = beta2 s + (1 - beta2) (sqrt(s) |g| + damping + delta).
+  """
+  momentum = jax.tree.map(
+      lambda m, ge, w: beta1 * m + (1 - beta1) * (
+          ge.astype(jnp.float32) + delta * w.astype(jnp.float32)),
+      state.momentum, grad_eps, params)
+  precision = jax.tree.map(
+      lambda si, gs: beta2 * si + (1 - beta2) * (gs + damp + delta),
+      state.precision, scaled)
+  return momentum, precision
