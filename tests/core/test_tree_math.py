@@ -84,3 +84,30 @@ def test_tree_norm_edge_values_and_derivatives():
     np.testing.assert_allclose(got, [0.6, 0.8], rtol=1e-6)
   big = tree_math.tree_norm({'x': jnp.asarray([3e20, 4e20], jnp.bfloat16)})
   np.testing.assert_allclose(big, 5e20, rtol=1e-2)
+
+
+def test_tree_norm_hessian_is_the_projection_formula():
+  # d^2 ||x|| / dx^2 = (I - u u^T) / ||x||, u = x / ||x||: checked where the
+  # entries fall in each magnitude class (|x| < 2^-40, between, > 2^40) and
+  # where a zero entry sits beside them.
+  for scale in (1e-20, 1.0, 1e20):
+    x = np.array([3.0, 4.0, 0.0]) * scale
+    norm = np.linalg.norm(x)
+    u = x / norm
+    want = (np.eye(3) - np.outer(u, u)) / norm
+    got = jax.hessian(tree_math.tree_norm)({'x': jnp.asarray(x, jnp.float32)})
+    np.testing.assert_allclose(got['x']['x'] * norm, want * norm, atol=1e-6)
+
+
+def test_derivatives_where_entries_of_different_magnitudes_meet():
+  # 2^-41 and 2^-40 sit on either side of a class boundary; 1e-13 and 1 two
+  # classes apart: each entry's derivative is its own, not flushed to zero.
+  x = np.array([2.0 ** -41, 2.0 ** -40])
+  got = jax.grad(tree_math.tree_norm)({'x': jnp.asarray(x, jnp.float32)})
+  np.testing.assert_allclose(got['x'], x / np.linalg.norm(x), rtol=1e-6)
+  a, b = jnp.asarray([1e-13, 1.0]), jnp.asarray([3e-13, 2.0])
+  got_a, got_b = jax.grad(tree_math.tree_vdot, argnums=(0, 1))(a, b)
+  np.testing.assert_allclose(got_a, b, rtol=1e-6)
+  np.testing.assert_allclose(got_b, a, rtol=1e-6)
+  np.testing.assert_allclose(tree_math.tree_vdot(a, b), 2.0 + 3e-26,
+                             rtol=1e-6)

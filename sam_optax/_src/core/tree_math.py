@@ -25,71 +25,129 @@ def wide(x: jax.Array) -> jax.Array:
   return x.astype(ACCUMULATION_DTYPE)
 
 
-# A sum of squares below this may have lost entries to underflow; above the
-# float32 range it overflowed: either way the norm is taken again, scaled.
-_TINY_SQUARES = 2.0 ** -100
+# Overflow-safe sums in one pass (after Blue, "A portable Fortran program to
+# find the Euclidean norm of a vector", ACM TOMS 1978): every entry falls in
+# one of three magnitude classes -- big (|x| > 2^40), small (|x| < 2^-40) or
+# neither -- and is multiplied by 2^-70, 2^70 or 1, so that no scaled product
+# overflows or underflows float32. A product of two entries then carries the
+# known weight 2^(70 k), k = -2..2, and is summed into accumulator k. All five
+# are one variadic reduction per leaf: the data is read once, with no branch
+# and no buffer beyond the inputs (a lax.cond around a second, rescaled pass
+# cost XLA from a fifth to a whole parameter buffer of temporaries).
+_CLASS_BOUND = 2.0 ** 40
+_CLASS_SHIFT = 2.0 ** 70
+_OFFSETS = range(-2, 3)
 
 
-def _max_abs(leaves: list) -> jax.Array:
-  """max |x| over every leaf (float32 or wider), NaN if any entry is NaN."""
-  parts = [jnp.max(jnp.abs(x), initial=0.0) for x in leaves]
-  return jax.lax.stop_gradient(
-      functools.reduce(jnp.maximum, parts, jnp.zeros([], ACCUMULATION_DTYPE)))
+def _classify(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(x scaled into range, its class: +1 big, -1 small, 0 otherwise)."""
+  magnitude = jnp.abs(x)
+  big, small = magnitude > _CLASS_BOUND, magnitude < 1.0 / _CLASS_BOUND
+  scale = jnp.where(big, 1.0 / _CLASS_SHIFT,
+                    jnp.where(small, _CLASS_SHIFT, 1.0))
+  return (x * scale.astype(x.dtype),
+          big.astype(jnp.int8) - small.astype(jnp.int8))
 
 
-def _scaled(leaves: list, scale: jax.Array) -> list:
-  """Each leaf divided by ``scale`` (by 1 where scale is 0, inf or NaN).
+def _offset_sums(a: list, b: list) -> list[jax.Array]:
+  """[sum of a' b' over the entries of class offset k] for k = -2..2."""
+  totals = [jnp.zeros([], ACCUMULATION_DTYPE)] * len(_OFFSETS)
+  for x, y in zip(a, b):
+    (xs, kx), (ys, ky) = _classify(x), _classify(y)
+    product, offset = (jnp.conj(xs) * ys).real, kx + ky
+    terms = tuple(jnp.where(offset == k, product, 0.0) for k in _OFFSETS)
+    zero = jnp.zeros([], product.dtype)  # float32, or float64 under x64
+    sums = jax.lax.reduce(terms, (zero,) * len(_OFFSETS),
+                          lambda u, v: tuple(p + q for p, q in zip(u, v)),
+                          tuple(range(jnp.ndim(x))))
+    totals = [t + s for t, s in zip(totals, sums)]
+  return totals
 
-  As two products by 1 / sqrt(scale): XLA:CPU divides by multiplying with
-  the reciprocal and flushes subnormals to zero, so x / 1e38 would be 0.
+
+def _leading(totals: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """(m, k): the sum of totals[j] 2^(70 j) is m 2^(70 k), k the top nonzero j.
+
+  m is summed from the lowest offset up, scaling by 2^-70 at each step, so
+  negligible terms underflow gracefully and a NaN anywhere stays NaN.
   """
-  usable = (scale > 0) & jnp.isfinite(scale)
-  root = jax.lax.rsqrt(jnp.where(usable, scale, 1.0))
-  return [(x * root.astype(x.dtype)) * root.astype(x.dtype) for x in leaves]
+  mantissa = partial = totals[0]
+  # k is a float like the totals: batched and sharded as they are, with a
+  # plain zero derivative.
+  offset = jnp.full_like(totals[0], _OFFSETS[0])
+  for k, total in zip(_OFFSETS[1:], totals[1:]):
+    partial = partial * (1.0 / _CLASS_SHIFT) + total
+    top = total != 0
+    mantissa = jnp.where(top, partial, mantissa)
+    offset = jnp.where(top, float(k), offset)
+  return mantissa, jax.lax.stop_gradient(offset)
 
 
-def _vdot(a: list, b: list) -> jax.Array:
-  parts = [jnp.vdot(x, y).real for x, y in zip(a, b)]
-  return sum(parts, start=jnp.zeros([], ACCUMULATION_DTYPE))
+def _root_of_weight(k: jax.Array) -> jax.Array:
+  """2^(35 k), the square root of class weight k, exactly.
+
+  A chain of selects built on k itself, neither a gather nor a constant
+  array: under a sharded vmap either would leave the result's sharding
+  ambiguous.
+  """
+  out = jnp.ones_like(k)
+  for j in _OFFSETS:
+    out = jnp.where(k == j, _CLASS_SHIFT ** (j / 2), out)
+  return out
 
 
 def _wide_leaves(a: PyTree) -> list:
   return [wide(x) for x in jax.tree.leaves(a)]
 
 
-def _plain_vdot(a: list, b: list) -> jax.Array:
-  return _vdot(a, b)
+# The class scalings are exact in value but not in derivative (a small
+# entry's share reaches the top accumulator through factors below float32's
+# range), so the derivatives are given by hand, as plain sums that are
+# linear in the tangents (so that they transpose, for reverse mode):
+# d<a, b> = <da, b> + <a, db>; d||x|| = <x / ||x||, dx>.
+@jax.custom_jvp
+def _dot(a: list, b: list) -> jax.Array:
+  mantissa, offset = _leading(_offset_sums(a, b))
+  root = _root_of_weight(offset)
+  return (mantissa * root) * root
 
 
-def _rescaled_vdot(a: list, b: list) -> jax.Array:
-  scale_a, scale_b = _max_abs(a), _max_abs(b)
-  inner = _vdot(_scaled(a, scale_a), _scaled(b, scale_b))
-  finite = jnp.isfinite(scale_a) & jnp.isfinite(scale_b)
-  return jnp.where(finite, (scale_a * inner) * scale_b, _vdot(a, b))
+@_dot.defjvp
+def _dot_jvp(primals, tangents):
+  (a, b), (da, db) = primals, tangents
+  return _dot(a, b), _plain_dot(da, b) + _plain_dot(a, db)
+
+
+def _plain_dot(a: list, b: list) -> jax.Array:
+  parts = [jnp.vdot(x, y).real for x, y in zip(a, b)]
+  return sum(parts, start=jnp.zeros([], ACCUMULATION_DTYPE))
+
+
+@jax.custom_jvp
+def _norm_parts(leaves: list) -> tuple[jax.Array, jax.Array]:
+  """(r, j): ||leaves|| = r 2^(35 j), j an even whole number (as a float)."""
+  mantissa, offset = _leading(_offset_sums(leaves, leaves))  # offset is even
+  return _root(mantissa), offset
+
+
+@_norm_parts.defjvp
+def _norm_parts_jvp(primals, tangents):
+  (leaves,), (dleaves,) = primals, tangents
+  root, offset = _norm_parts(leaves)
+  down = _root_of_weight(-offset)
+  scaled = [t * down.astype(t.dtype) for t in dleaves]
+  return (root, offset), (_plain_dot(_unit(leaves), scaled),
+                          jnp.zeros_like(offset))
 
 
 def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
   """<a, b> over all leaves, accumulated in float32 (or wider).
 
-  Overflow-safe: when the plain sum overflows (or underflows to below
-  2^-100) while the entries are finite, it is taken again on a / max|a| and
-  b / max|b| and scaled back, so the result is right whenever it fits.
+  Overflow-safe in one pass: entries are summed in magnitude classes scaled
+  by powers of two, so the result is right whenever it fits float32, even
+  when products of the entries would not.
   """
   jax.tree.map(lambda x, y: None, a, b)  # the same structure, or an error
-  a, b = _wide_leaves(a), _wide_leaves(b)
-  # Module-level branches: an eager call reuses the compiled lax.cond.
-  return jax.lax.cond(_needs_rescaling(_vdot(a, b)), _rescaled_vdot,
-                      _plain_vdot, a, b)
-
-
-def _needs_rescaling(value: jax.Array) -> jax.Array:
-  magnitude = jnp.abs(value)
-  return jnp.isinf(magnitude) | (magnitude < _TINY_SQUARES)
-
-
-def _sum_of_squares(leaves: list) -> jax.Array:
-  return sum((jnp.sum(jnp.square(x)) for x in leaves),
-             start=jnp.zeros([], ACCUMULATION_DTYPE))
+  return _dot(_wide_leaves(a), _wide_leaves(b))
 
 
 def _root(squares: jax.Array) -> jax.Array:
@@ -97,19 +155,6 @@ def _root(squares: jax.Array) -> jax.Array:
   positive = squares > 0
   return jnp.where(positive, jnp.sqrt(jnp.where(positive, squares, 1.0)),
                    squares)
-
-
-def _plain_norm(leaves: list, squares: jax.Array) -> jax.Array:
-  del leaves
-  return _root(squares)
-
-
-def _rescaled_norm(leaves: list, squares: jax.Array) -> jax.Array:
-  del squares
-  scale = _max_abs(leaves)
-  norm = scale * _root(_sum_of_squares(_scaled(leaves, scale)))
-  # An infinite entry: the norm is inf; a NaN entry: NaN.
-  return jnp.where(jnp.isfinite(scale), norm, scale)
 
 
 def tree_sum_of_squares(a: PyTree) -> jax.Array:
@@ -120,19 +165,16 @@ def tree_sum_of_squares(a: PyTree) -> jax.Array:
 def tree_norm(a: PyTree) -> jax.Array:
   """Global L2 norm over every leaf, in float32 (or wider).
 
-  Overflow-safe: the sum of squares is taken as it is, and, only when it
-  overflows float32 or underflows below 2^-100, again on a / max|a|, so
-  entries up to float32's largest give the right norm whenever the norm
-  fits (an infinite entry gives inf, a NaN stays NaN).
+  Overflow-safe in one pass: the squares are summed in magnitude classes
+  scaled by powers of two, so entries anywhere in float32's normal range
+  give the right norm whenever the norm fits (an infinite entry gives inf,
+  a NaN stays NaN).
 
   Safe to differentiate at zero: the derivative of the norm of a zero vector
   is taken as 0, not the NaN of ``sqrt``'s infinite slope.
   """
-  leaves = _wide_leaves(a)
-  squares = _sum_of_squares(leaves)
-  # Module-level branches: an eager call reuses the compiled lax.cond.
-  return jax.lax.cond(_needs_rescaling(squares), _rescaled_norm, _plain_norm,
-                      leaves, squares)
+  root, offset = _norm_parts(_wide_leaves(a))
+  return root * _root_of_weight(offset)
 
 
 def safe_inverse(x: jax.Array) -> jax.Array:
@@ -148,13 +190,17 @@ def safe_inverse(x: jax.Array) -> jax.Array:
 def safe_cosine(a: PyTree, b: PyTree) -> jax.Array:
   """cos(a, b); 0 when either vector is zero.
 
-  Taken on a / max|a| and b / max|b|, so neither the dot product nor the
-  product of the norms overflows.
+  Taken as <a / ||a||, b / ||b||>, each norm divided out in two exact
+  factors, so no product overflows even where a norm itself would.
   """
-  a, b = _wide_leaves(a), _wide_leaves(b)
-  a, b = _scaled(a, _max_abs(a)), _scaled(b, _max_abs(b))
-  denominator = tree_norm(a) * tree_norm(b)
-  return _vdot(a, b) * safe_inverse(denominator)
+  return _dot(_unit(_wide_leaves(a)), _unit(_wide_leaves(b)))
+
+
+def _unit(leaves: list) -> list:
+  """leaves / ||leaves||, dividing by the norm's two factors one at a time."""
+  root, offset = _norm_parts(leaves)
+  down, up = _root_of_weight(-offset), safe_inverse(root)
+  return [(x * down.astype(x.dtype)) * up.astype(x.dtype) for x in leaves]
 
 
 def all_finite(tree: PyTree) -> jax.Array:
