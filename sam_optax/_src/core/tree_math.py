@@ -8,7 +8,7 @@ a zero vector divides into a zero vector instead of NaN.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -25,126 +25,87 @@ def wide(x: jax.Array) -> jax.Array:
   return x.astype(ACCUMULATION_DTYPE)
 
 
-# Overflow-safe sums in one pass (after Blue, "A portable Fortran program to
-# find the Euclidean norm of a vector", ACM TOMS 1978): every entry falls in
-# one of three magnitude classes -- big (|x| > 2^40), small (|x| < 2^-40) or
-# neither -- and is multiplied by 2^-70, 2^70 or 1, so that no scaled product
-# overflows or underflows float32. A product of two entries then carries the
-# known weight 2^(70 k), k = -2..2, and is summed into accumulator k. All five
-# are one variadic reduction per leaf: the data is read once, with no branch
-# and no buffer beyond the inputs (a lax.cond around a second, rescaled pass
-# cost XLA from a fifth to a whole parameter buffer of temporaries).
-_CLASS_BOUND = 2.0 ** 40
-_CLASS_SHIFT = 2.0 ** 70
-_OFFSETS = range(-2, 3)
+# Overflow-safe sums, leaf by leaf: each leaf is divided by the power of two
+# at or above its largest |entry| (exact: a power of two only shifts the
+# exponent), so its squares and products neither overflow nor underflow
+# float32, and its sum is carried as (value, exponent). The leaves' sums are
+# then added on the largest exponent. No branch: a lax.cond around a
+# rescaled second pass cost XLA a fifth (SAM) to nearly a whole (GSAM)
+# parameter buffer of temporaries, and one over all leaves at once held them
+# all; here each leaf is read twice (its max, its sum) and nothing is kept.
 
 
-def _classify(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(x scaled into range, its class: +1 big, -1 small, 0 otherwise)."""
-  magnitude = jnp.abs(x)
-  big, small = magnitude > _CLASS_BOUND, magnitude < 1.0 / _CLASS_BOUND
-  scale = jnp.where(big, 1.0 / _CLASS_SHIFT,
-                    jnp.where(small, _CLASS_SHIFT, 1.0))
-  return (x * scale.astype(x.dtype),
-          big.astype(jnp.int8) - small.astype(jnp.int8))
+def _exponent(x: jax.Array) -> jax.Array:
+  """e with max|x| = f 2^e, f in [0.5, 1); 0 for a zero, inf or NaN leaf."""
+  largest = jax.lax.stop_gradient(jnp.max(jnp.abs(x), initial=0.0))
+  usable = (largest > 0) & jnp.isfinite(largest)
+  return jnp.frexp(jnp.where(usable, largest, 1.0))[1]
 
 
-def _offset_sums(a: list, b: list) -> list[jax.Array]:
-  """[sum of a' b' over the entries of class offset k] for k = -2..2."""
-  totals = [jnp.zeros([], ACCUMULATION_DTYPE)] * len(_OFFSETS)
-  for x, y in zip(a, b):
-    (xs, kx), (ys, ky) = _classify(x), _classify(y)
-    product, offset = (jnp.conj(xs) * ys).real, kx + ky
-    terms = tuple(jnp.where(offset == k, product, 0.0) for k in _OFFSETS)
-    zero = jnp.zeros([], product.dtype)  # float32, or float64 under x64
-    sums = jax.lax.reduce(terms, (zero,) * len(_OFFSETS),
-                          lambda u, v: tuple(p + q for p, q in zip(u, v)),
-                          tuple(range(jnp.ndim(x))))
-    totals = [t + s for t, s in zip(totals, sums)]
-  return totals
+def _times_power_of_two(x: jax.Array, e: jax.Array) -> jax.Array:
+  """x 2^e for an integer e, exact wherever the result fits x's dtype.
 
-
-def _leading(totals: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
-  """(m, k): the sum of totals[j] 2^(70 j) is m 2^(70 k), k the top nonzero j.
-
-  m is summed from the lowest offset up, scaling by 2^-70 at each step, so
-  negligible terms underflow gracefully and a NaN anywhere stays NaN.
+  As two products, each by a power of two inside the dtype's range: 2^e
+  itself is not a float32 for e = 128 (a largest entry near float32's
+  maximum), nor, under XLA:CPU's flush to zero, for e below -126.
   """
-  mantissa = partial = totals[0]
-  # k is a float like the totals: batched and sharded as they are, with a
-  # plain zero derivative.
-  offset = jnp.full_like(totals[0], _OFFSETS[0])
-  for k, total in zip(_OFFSETS[1:], totals[1:]):
-    partial = partial * (1.0 / _CLASS_SHIFT) + total
-    top = total != 0
-    mantissa = jnp.where(top, partial, mantissa)
-    offset = jnp.where(top, float(k), offset)
-  return mantissa, jax.lax.stop_gradient(offset)
+  half = e // 2
+  one = jnp.ones([], jnp.finfo(x.dtype).dtype)  # complex: its real part's
+  first, second = jnp.ldexp(one, half), jnp.ldexp(one, e - half)
+  return (x * first.astype(x.dtype)) * second.astype(x.dtype)
 
 
-def _root_of_weight(k: jax.Array) -> jax.Array:
-  """2^(35 k), the square root of class weight k, exactly.
+def _scaled_products(a: list, b: Optional[list]) -> tuple[jax.Array,
+                                                           jax.Array]:
+  """Per leaf i: (v_i, e_i) with <a_i, b_i> = v_i 2^(e_i), stacked.
 
-  A chain of selects built on k itself, neither a gather nor a constant
-  array: under a sharded vmap either would leave the result's sharding
-  ambiguous.
+  b = None: the sums of squares of a, ||a_i||^2 = v_i 2^(e_i).
   """
-  out = jnp.ones_like(k)
-  for j in _OFFSETS:
-    out = jnp.where(k == j, _CLASS_SHIFT ** (j / 2), out)
-  return out
+  values, exponents = [], []
+  for i, x in enumerate(a):
+    ex = _exponent(x)
+    xs = _times_power_of_two(x, -ex)
+    if b is None:
+      values.append(jnp.sum(jnp.square(jnp.abs(xs))))
+      exponents.append(2 * ex)
+    else:
+      ey = _exponent(b[i])
+      ys = _times_power_of_two(b[i], -ey)
+      values.append(jnp.vdot(xs, ys).real)
+      exponents.append(ex + ey)
+  if not values:
+    return jnp.zeros([1], ACCUMULATION_DTYPE), jnp.zeros([1], jnp.int32)
+  return jnp.stack(values), jnp.stack(exponents)
+
+
+def _aligned(values: jax.Array, exponents: jax.Array, top: jax.Array):
+  """sum_i v_i 2^(e_i - top): the leaves' sums on the common exponent."""
+  return jnp.sum(_times_power_of_two(values, exponents - top))
 
 
 def _wide_leaves(a: PyTree) -> list:
   return [wide(x) for x in jax.tree.leaves(a)]
 
 
-# The class scalings are exact in value but not in derivative (a small
-# entry's share reaches the top accumulator through factors below float32's
-# range), so the derivatives are given by hand, as plain sums that are
-# linear in the tangents (so that they transpose, for reverse mode):
-# d<a, b> = <da, b> + <a, db>; d||x|| = <x / ||x||, dx>.
-@jax.custom_jvp
 def _dot(a: list, b: list) -> jax.Array:
-  mantissa, offset = _leading(_offset_sums(a, b))
-  root = _root_of_weight(offset)
-  return (mantissa * root) * root
+  values, exponents = _scaled_products(a, b)
+  top = jnp.max(exponents)
+  return _times_power_of_two(_aligned(values, exponents, top), top)
 
 
-@_dot.defjvp
-def _dot_jvp(primals, tangents):
-  (a, b), (da, db) = primals, tangents
-  return _dot(a, b), _plain_dot(da, b) + _plain_dot(a, db)
-
-
-def _plain_dot(a: list, b: list) -> jax.Array:
-  parts = [jnp.vdot(x, y).real for x, y in zip(a, b)]
-  return sum(parts, start=jnp.zeros([], ACCUMULATION_DTYPE))
-
-
-@jax.custom_jvp
 def _norm_parts(leaves: list) -> tuple[jax.Array, jax.Array]:
-  """(r, j): ||leaves|| = r 2^(35 j), j an even whole number (as a float)."""
-  mantissa, offset = _leading(_offset_sums(leaves, leaves))  # offset is even
-  return _root(mantissa), offset
-
-
-@_norm_parts.defjvp
-def _norm_parts_jvp(primals, tangents):
-  (leaves,), (dleaves,) = primals, tangents
-  root, offset = _norm_parts(leaves)
-  down = _root_of_weight(-offset)
-  scaled = [t * down.astype(t.dtype) for t in dleaves]
-  return (root, offset), (_plain_dot(_unit(leaves), scaled),
-                          jnp.zeros_like(offset))
+  """(r, e): ||leaves|| = r 2^e, with r from a sum of squares near 1."""
+  values, exponents = _scaled_products(leaves, None)  # exponents even
+  top = jnp.max(exponents)
+  return _root(_aligned(values, exponents, top)), top // 2
 
 
 def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
   """<a, b> over all leaves, accumulated in float32 (or wider).
 
-  Overflow-safe in one pass: entries are summed in magnitude classes scaled
-  by powers of two, so the result is right whenever it fits float32, even
-  when products of the entries would not.
+  Overflow-safe: each leaf is scaled by a power of two before its products
+  are summed, so the result is right whenever it fits float32, even when
+  products of the entries would not.
   """
   jax.tree.map(lambda x, y: None, a, b)  # the same structure, or an error
   return _dot(_wide_leaves(a), _wide_leaves(b))
@@ -165,16 +126,15 @@ def tree_sum_of_squares(a: PyTree) -> jax.Array:
 def tree_norm(a: PyTree) -> jax.Array:
   """Global L2 norm over every leaf, in float32 (or wider).
 
-  Overflow-safe in one pass: the squares are summed in magnitude classes
-  scaled by powers of two, so entries anywhere in float32's normal range
-  give the right norm whenever the norm fits (an infinite entry gives inf,
-  a NaN stays NaN).
+  Overflow-safe: each leaf is scaled by a power of two before it is squared,
+  so entries anywhere in float32's normal range give the right norm
+  whenever the norm fits (an infinite entry gives inf, a NaN stays NaN).
 
   Safe to differentiate at zero: the derivative of the norm of a zero vector
   is taken as 0, not the NaN of ``sqrt``'s infinite slope.
   """
-  root, offset = _norm_parts(_wide_leaves(a))
-  return root * _root_of_weight(offset)
+  root, exponent = _norm_parts(_wide_leaves(a))
+  return _times_power_of_two(root, exponent)
 
 
 def safe_inverse(x: jax.Array) -> jax.Array:
@@ -198,9 +158,10 @@ def safe_cosine(a: PyTree, b: PyTree) -> jax.Array:
 
 def _unit(leaves: list) -> list:
   """leaves / ||leaves||, dividing by the norm's two factors one at a time."""
-  root, offset = _norm_parts(leaves)
-  down, up = _root_of_weight(-offset), safe_inverse(root)
-  return [(x * down.astype(x.dtype)) * up.astype(x.dtype) for x in leaves]
+  root, exponent = _norm_parts(leaves)
+  up = safe_inverse(root)
+  return [_times_power_of_two(x, -exponent) * up.astype(x.dtype)
+          for x in leaves]
 
 
 def all_finite(tree: PyTree) -> jax.Array:
