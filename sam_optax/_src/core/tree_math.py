@@ -29,10 +29,11 @@ def wide(x: jax.Array) -> jax.Array:
 # at or above its largest |entry| (exact: a power of two only shifts the
 # exponent), so its squares and products neither overflow nor underflow
 # float32, and its sum is carried as (value, exponent). The leaves' sums are
-# then added on the largest exponent. No branch: a lax.cond around a
-# rescaled second pass cost XLA a fifth (SAM) to nearly a whole (GSAM)
-# parameter buffer of temporaries, and one over all leaves at once held them
-# all; here each leaf is read twice (its max, its sum) and nothing is kept.
+# then added on the largest exponent. Each leaf is read twice (its max, its
+# sum), with no branch: a lax.cond taking every leaf into a rescaled second
+# pass cost XLA:CPU 0.15 of a parameter buffer of temporaries in SAM's step
+# at 2.2M parameters (1.44 against 1.29 here and in a hand-written step),
+# and a cond per leaf would make a GPU wait on the host once per leaf.
 
 
 def _exponent(x: jax.Array) -> jax.Array:
