@@ -114,12 +114,26 @@ def test_sam_step_is_the_adamw_step_plus_one_line():
   ]
 
 
+@nnx.jit
+def observed_step(model, optimizer, batch):
+  """`sam_step`, also returning what the mask test recomputes by hand.
+
+  One compiled program for both tests below (nnx.jit caches on the model's
+  structure, the same for every `new_model()`).
+  """
+  before = sam_optax.nnx.snapshot(model)
+  loss_value, grads = nnx.value_and_grad(loss)(model, batch)
+  optimizer.update(model, grads, snapshot=before, batch=batch)
+  return (loss_value, before, nnx.as_pure(grads),
+          optimizer.opt_state[0].perturbed_loss[...])
+
+
 def test_transformer_with_dropout_trains_with_sam_and_adamw():
   model = new_model()
   optimizer = sam_optimizer(model)
-  step = nnx.jit(sam_step)
   batch = random_batch(0)
-  losses = [float(step(model, optimizer, batch)) for _ in range(30)]
+  losses = [float(observed_step(model, optimizer, batch)[0])
+            for _ in range(30)]
   assert all(np.isfinite(losses))
   assert abs(losses[0] - np.log(VOCAB)) < 0.5  # starts near chance
   # Dropout makes single steps noisy: compare the ends, with a margin.
@@ -151,16 +165,7 @@ def test_dropout_masks_same_in_both_passes_and_new_each_step():
   model = new_model()
   optimizer = sam_optimizer(model)
   batch = random_batch(0)
-
-  @nnx.jit
-  def observed_step(model, optimizer, batch):
-    before = sam_optax.nnx.snapshot(model)
-    loss_value, grads = nnx.value_and_grad(loss)(model, batch)
-    optimizer.update(model, grads, snapshot=before, batch=batch)
-    return (before, nnx.as_pure(grads),
-            optimizer.opt_state[0].perturbed_loss[...])
-
-  steps = [observed_step(model, optimizer, batch) for _ in range(3)]
+  steps = [observed_step(model, optimizer, batch)[1:] for _ in range(3)]
   recompute = jax.jit(point_loss)
   for (before, grads, perturbed), (after, _, _) in zip(steps, steps[1:]):
     same = float(recompute(before, grads, before))
