@@ -29,7 +29,8 @@ fusions around them) that read or write an array shaped like a weight
 elementwise and reduction sweeps over parameter-sized memory.
 
 Run: ``python benchmarks/bench_scale.py`` (``--quick`` for a smoke run that
-prints only).
+prints only; ``--without-rules`` to see what the overflow-safe norm and the
+bad-step check cost, by swapping them out).
 """
 
 from __future__ import annotations
@@ -423,6 +424,14 @@ def report(results, args, command) -> str:
   return '\n'.join(lines)
 
 
+def without_robustness_rules():
+  """Swaps out the overflow-safe norm and the bad-step check, in place."""
+  from sam_optax._src.core import tree_math
+  tree_math.tree_norm = lambda tree: jnp.sqrt(sum(
+      jnp.sum(jnp.square(tree_math.wide(x))) for x in jax.tree.leaves(tree)))
+  tree_math.all_finite = lambda tree: jnp.asarray(True)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--widths', type=int, nargs='+',
@@ -440,7 +449,14 @@ def main(argv=None):
                       ' benchmarks/results alone)')
   parser.add_argument('--no-write', action='store_true',
                       help='print only; leave benchmarks/results alone')
+  parser.add_argument('--without-rules', action='store_true',
+                      help='what the robustness rules cost: ours with a plain'
+                      ' sum-of-squares norm and no non-finite check (prints'
+                      ' only; a measurement aid, not a usable optimizer)')
   args = parser.parse_args(argv)
+  if args.without_rules:
+    without_robustness_rules()
+    args.no_write = True
   if args.quick:
     args.widths, args.channels, args.batch = [16], 0, 16
     args.repeats, args.block, args.max_calls = 2, 0.0, 1
