@@ -88,8 +88,8 @@ def test_tree_norm_edge_values_and_derivatives():
 
 def test_tree_norm_hessian_is_the_projection_formula():
   # d^2 ||x|| / dx^2 = (I - u u^T) / ||x||, u = x / ||x||: checked where the
-  # entries fall in each magnitude class (|x| < 2^-40, between, > 2^40) and
-  # where a zero entry sits beside them.
+  # plain sum of squares underflows (1e-20), fits, and overflows (1e20), with
+  # a zero entry beside the others.
   for scale in (1e-20, 1.0, 1e20):
     x = np.array([3.0, 4.0, 0.0]) * scale
     norm = np.linalg.norm(x)
@@ -100,8 +100,8 @@ def test_tree_norm_hessian_is_the_projection_formula():
 
 
 def test_derivatives_where_entries_of_different_magnitudes_meet():
-  # 2^-41 and 2^-40 sit on either side of a class boundary; 1e-13 and 1 two
-  # classes apart: each entry's derivative is its own, not flushed to zero.
+  # Entries of very different magnitudes in one vector: each entry's
+  # derivative is its own, not flushed to zero by a scaling.
   x = np.array([2.0 ** -41, 2.0 ** -40])
   got = jax.grad(tree_math.tree_norm)({'x': jnp.asarray(x, jnp.float32)})
   np.testing.assert_allclose(got['x'], x / np.linalg.norm(x), rtol=1e-6)
