@@ -4,6 +4,13 @@ On a loaded 2-core machine a collective over 8 fake devices can wait longer
 than XLA:CPU's default 40 s before every device arrives, which aborts the
 process; the timeout is raised for the test run.
 
+The tests' programs are tiny and each runs a few times, so compiling them is
+most of the suite's time: LLVM's backend optimizations are turned off
+(`--xla_backend_optimization_level=0`), which compiles the test_layouts.py
+matrix 27 % faster on 2 cores. XLA's own graph passes (fusion, algebraic
+simplification) still run, so the programs are the ones users compile, only
+their machine code is less optimized.
+
 Compiling is most of the suite's time, and many tests (and both xdist
 workers) compile the same program: one compilation cache, new for each run
 and shared by its workers, compiles it once. It is removed when the run ends.
@@ -18,6 +25,7 @@ _FLAGS = (
     '--xla_force_host_platform_device_count=8',
     '--xla_cpu_collective_call_warn_stuck_timeout_seconds=120',
     '--xla_cpu_collective_call_terminate_timeout_seconds=1200',
+    '--xla_backend_optimization_level=0',
 )
 _flags = os.environ.get('XLA_FLAGS', '')
 for _flag in _FLAGS:
