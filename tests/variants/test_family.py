@@ -190,7 +190,7 @@ def run(case, dtype, layout_name):
 
 GROUPS = {'whole': 1, 'chunks': BATCH // 4, 'per_device': 8}
 # float32 runs under the layouts (the layout battery, pipeline/test_layouts.py, checks
-# one step of every variant under every layout; these check several).
+# one step of these variants under the layouts; these check several).
 RUNS = ([(c, 'float64', 'whole') for c in CASES]
         + [(c, 'float32', 'chunks') for c in CASES]
         + [(c, 'float32', 'per_device') for c in
