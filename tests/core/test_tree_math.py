@@ -17,7 +17,7 @@ from sam_optax._src.core import tree_math
 from variants import VARIANTS
 
 SCALE = 1e20
-PARAMS = {'w': jnp.asarray([0.3, -2.0, 1.5]), 'b': jnp.asarray(0.5)}
+PARAMS = {'w': jnp.asarray([0.3, -2.0, 1.5]), 'b': jnp.float32(0.5)}
 C = jnp.asarray([1.0, 2.0, -1.0])
 
 

@@ -25,8 +25,8 @@ each_variant = pytest.mark.parametrize('variant', VARIANTS, ids=ids)
 _rng = np.random.default_rng(7)
 X = jnp.asarray(_rng.normal(size=(4, 3)), jnp.float32)
 Y = jnp.asarray(_rng.normal(size=(4,)), jnp.float32)
-PARAMS = {'w': jnp.asarray([0.5, -1.0, 0.25]), 'b': jnp.asarray(0.1)}
-OTHER_MODEL = {'w': jnp.asarray([0.5]), 'b': jnp.asarray(0.1)}
+PARAMS = {'w': jnp.asarray([0.5, -1.0, 0.25]), 'b': jnp.float32(0.1)}
+OTHER_MODEL = {'w': jnp.asarray([0.5]), 'b': jnp.float32(0.1)}
 
 
 def loss_fn(params, x, y):

@@ -18,7 +18,7 @@ import sam_optax
 _rng = np.random.default_rng(3)
 X = jnp.asarray(_rng.normal(size=(16, 3)), jnp.float32)
 Y = jnp.asarray(_rng.normal(size=(16,)), jnp.float32)
-PARAMS = {'w': jnp.asarray([0.5, -1.0, 0.25]), 'b': jnp.asarray(0.1)}
+PARAMS = {'w': jnp.asarray([0.5, -1.0, 0.25]), 'b': jnp.float32(0.1)}
 
 
 def loss_fn(params, x, y):

@@ -36,7 +36,7 @@ def dense_hessian(loss_fn, params, kwargs_list):
   flat, unravel = flatten_util.ravel_pytree(params)
   f = lambda z: jnp.mean(jnp.stack(
       [loss_fn(unravel(z), **kw) for kw in kwargs_list]))
-  return np.asarray(jax.hessian(f)(flat), np.float64)
+  return np.asarray(jax.jit(jax.hessian(f))(flat), np.float64)
 
 
 H = dense_hessian(mlp_loss, PARAMS, [BATCH])

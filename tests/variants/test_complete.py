@@ -22,7 +22,7 @@ import sam_optax
 _rng = np.random.default_rng(11)
 XS = jnp.asarray(_rng.normal(size=(4, 8, 3)), jnp.float32)
 YS = jnp.asarray(_rng.normal(size=(4, 8)), jnp.float32)
-PARAMS = {'w': jnp.asarray([0.5, -1.0, 2.0]), 'b': jnp.asarray(0.25)}
+PARAMS = {'w': jnp.asarray([0.5, -1.0, 2.0]), 'b': jnp.float32(0.25)}
 FAR = 0.01  # bsam's noise below moves w by ~1e-4; its ascent by ~0.1
 
 
