@@ -658,8 +658,13 @@ def run_task(name, args, stages, stored):
                               progress, 'main')
     for r in rows:
       runs[r.name]['gradients'] = r.gradients
-    result['main'] = runs
-    runs_log['main'] = run_record(args, start)
+    if args.only:  # the other rows stay as they were measured
+      result['main'] = {**result.get('main', {}), **runs}
+      runs_log[f"main, --only {','.join(args.only)}"] = run_record(args,
+                                                                   start)
+    else:
+      result['main'] = runs
+      runs_log['main'] = run_record(args, start)
   return result
 
 
@@ -768,7 +773,8 @@ def parse_args(argv):
                       help='only redraw the PNGs from results/tasks.json')
   parser.add_argument('--no-progress', action='store_true')
   parser.add_argument('--only', default='',
-                      help='main stage: only these configurations (comma-'
+                      help='main stage: only these configurations, merged'
+                      ' into the stored rows (comma-'
                       'separated; base and SAM always run)')
   args = parser.parse_args(argv)
   if args.quick:
