@@ -28,7 +28,7 @@ non-finite metric is a diverged run, counted and reported as such.
   python benchmarks/bench_tasks.py                       # the whole study
   python benchmarks/bench_tasks.py --tasks noisy-cnn --stage main
   python benchmarks/bench_tasks.py --quick               # tiny; prints only
-  python benchmarks/bench_tasks.py --replot              # PNGs from tasks.json
+  python benchmarks/bench_tasks.py --replot              # tables, PNGs again
 """
 
 from __future__ import annotations
@@ -74,20 +74,21 @@ VARIANTS = ('sam', 'asam', 'xsam', 'gsam', 'wsam', 'friendly_sam', 'vasso',
             'looksam', 'random_sam', 'ae_sam', 'esam', 'msam', 'bsam')
 # SAM's radius in a variant's own convention: ASAM's radius is relative to
 # the weights (default 0.5 against SAM's 0.05), MSAM's follows the momentum
-# (default 1.0, a descent direction): the best SAM rho times this.
+# (a descent direction; 0.2's default 1.0 against SAM's 0.05, kept as the
+# convention when the default became 0.3): the best SAM rho times this.
 RHO_SCALE = {'asam': 10.0, 'msam': 20.0}
 # Nominal gradient evaluations per step (forward passes not counted). ESAM:
-# its default gamma=0.5 re-gradient on half the batch, plus two forward
-# passes; LookSAM without total_steps: SAM from step 0 every k=8 steps;
+# 1 + gamma (the re-gradient on the fraction gamma of the batch; with
+# gamma < 1 also two forward passes); LookSAM: SAM every k=8 steps;
 # random_sam: SAM with probability p=0.5; AE-SAM: adaptive, at most 2 (the
 # measured share of SAM steps is in the tables).
-# Not a default, but needed: ESAM's data selection splits the per-example
-# arguments, and its default guess (every array with a leading dimension)
-# would split the dropout key and the BatchNorm statistics too.
+# Not a default, but needed: ESAM's data selection (gamma < 1) splits the
+# per-example arguments, and its default guess (every array with a leading
+# dimension) would split the dropout key and the BatchNorm statistics too.
 ESAM_BATCH_ARGNAMES = ('batch',)
 GRADIENTS = {'sam': 2, 'asam': 2, 'xsam': 2, 'gsam': 2, 'wsam': 2,
              'friendly_sam': 2, 'vasso': 2, 'looksam': 1 + 1 / 8,
-             'random_sam': 1.5, 'ae_sam': 2, 'esam': 1.5, 'msam': 1,
+             'random_sam': 1.5, 'ae_sam': 2, 'esam': 2, 'msam': 1,
              'bsam': 2, 'decoupled_wsam': 2}
 
 
@@ -160,9 +161,43 @@ class Config:
   family: str = ''
 
 
-def default_rho(name):
+# The defaults revision: a knob of a variant whose 0.2 default (the first
+# value) failed on a task, and the values it was weighed against, each at the
+# variant's default rho with nothing else changed. The value that is the
+# default now has no row here: it is the variant's own row.
+REVISION = {'wsam': ('gamma', (0.9, 0.75, 0.6)),
+            'looksam': ('alpha', (0.7, 0.3, 0.1)),
+            'esam': ('gamma', (0.5, 0.8, 1.0)),
+            'msam': ('rho', (1.0, 0.3)),
+            'xsam': ('rho', (0.15, 0.05))}  # rho_max stays 0.15
+STATIC = {('esam', 'gamma')}  # fixes shapes: one compile per value
+
+
+def default_value(name, knob):
   fn = getattr(sam_optax, name)
-  return float(inspect.signature(fn).parameters['rho'].default)
+  return float(inspect.signature(fn).parameters[knob].default)
+
+
+def revision_configs():
+  """A row per value of ``REVISION`` that is not the current default."""
+  rows = []
+  for name, (knob, values) in REVISION.items():
+    for value in values:
+      if math.isclose(value, default_value(name, knob)):
+        continue
+      label = f'{name} {knob}={value:g}'
+      if (name, knob) in STATIC:
+        make = lambda s, n=name, kw={knob: value}, **h: s.variant(n, **kw,
+                                                                   **h)
+        hparams, family = {'rho': default_value(name, 'rho')}, label
+      else:  # traced: one compile for the knob's values (rho: the variant's)
+        make = lambda s, n=name, **h: s.variant(n, **h)
+        hparams = {'rho': default_value(name, 'rho'), knob: value}
+        family = name if knob == 'rho' else f'{name} {knob}'
+      grads = 1 + value if (name, knob) == ('esam', 'gamma') else (
+          GRADIENTS[name])
+      rows.append(Config(label, make, grads, False, hparams, family))
+  return rows
 
 
 def variant_configs(best_rho):
@@ -171,10 +206,10 @@ def variant_configs(best_rho):
   for name in VARIANTS + ('decoupled_wsam',):
     grads, own = GRADIENTS[name], name == 'bsam'
     make = lambda s, n=name, **h: s.variant(n, **h)
-    rows.append(Config(name, make, grads, own, {'rho': default_rho(name)},
-                       name))
+    rows.append(Config(name, make, grads, own,
+                       {'rho': default_value(name, 'rho')}, name))
     rho = best_rho * RHO_SCALE.get(name, 1.0)
-    if name != 'sam' and not math.isclose(rho, default_rho(name)):
+    if name != 'sam' and not math.isclose(rho, default_value(name, 'rho')):
       rows.append(Config(f'{name} rho={rho:g}', make, grads, own,
                          {'rho': rho}, name))
   return rows
@@ -209,6 +244,8 @@ def configs(best_rho, has_norm):
           'looksam', start=int(0.2 * s.steps), **h), 1 + 0.8 / 8, False,
              {'rho': best_rho}, 'looksam_t'),
   ]
+  rows += [r for r in revision_configs() if r.name not in
+           {row.name for row in rows}]
   if has_norm:
     rows.append(Config('SAM-ON', lambda s, **h: s.variant(
         'sam', perturbation_mask=sam_optax.normalization_mask, **h), 2, False,
@@ -651,19 +688,24 @@ def run_task(name, args, stages, stored):
     start = time.perf_counter()
     setup.best_rho = result['best_rho']
     params, _ = task.init(jax.random.PRNGKey(0), size)
-    rows = configs(result['best_rho'], has_normalization(params))
-    if args.only:
-      rows = [r for r in rows if r.name in ('base', 'SAM', *args.only)]
+    every = configs(result['best_rho'], has_normalization(params))
+    rows = [r for r in every
+            if not args.only or r.name in ('base', 'SAM', *args.only)]
     runs = train_side_by_side(task, size, steps, rows, setup, seeds, 'test',
                               progress, 'main')
     for r in rows:
       runs[r.name]['gradients'] = r.gradients
-    if args.only:  # the other rows stay as they were measured
-      result['main'] = {**result.get('main', {}), **runs}
+    if args.only:  # the other rows stay as they were measured; rows that
+      # configs() no longer defines (a default since changed) go
+      defined = {r.name for r in every}
+      result['main'] = {n: v for n, v in {**result.get('main', {}),
+                                          **runs}.items() if n in defined}
       runs_log[f"main, --only {','.join(args.only)}"] = run_record(args,
                                                                    start)
-    else:
+    else:  # every row again: the partial runs' records no longer apply
       result['main'] = runs
+      for stage in [s for s in runs_log if s.startswith('main, --only')]:
+        del runs_log[stage]
       runs_log['main'] = run_record(args, start)
   return result
 
@@ -716,21 +758,26 @@ def document(all_results):
   parts = [
       '# The benchmark study: every variant on four tasks', '',
       'Written by `python benchmarks/bench_tasks.py` (raw results in'
-      ' tasks.json; `--replot` redraws the figures from it). Each task'
+      ' tasks.json; `--replot` writes the tables and figures from it again).'
+      ' Each task'
       ' section names its machine, command, date and wall time.', '',
       'Configurations: the base optimizer; SAM at its best rho (the'
       ' validation sweep); each variant at its documented defaults, and at'
       ' SAM\'s best rho in the variant\'s own convention (ASAM\'s radius'
       f" x{RHO_SCALE['asam']:g} and MSAM's x{RHO_SCALE['msam']:g}: their"
-      ' defaults 0.5 and 1.0 sit against SAM\'s 0.05), left out where that'
-      ' equals the default; decoupled WSAM; bSAM (learning rate: the base'
-      f' schedule, from lr / (1 - {MOMENTUM}) on SGD tasks); SAM-ON where'
-      ' the model has normalization layers. LookSAM and AE-SAM get no'
-      ' `total_steps` (what a user gets by default). One setting is not a'
-      ' default: ESAM gets `batch_argnames=(\'batch\',)`, since its default'
-      ' guess of the per-example arguments (every array with a leading'
-      ' dimension) takes the dropout key and the BatchNorm statistics for'
-      ' examples and stops with an error. Nothing is wrapped in'
+      ' 0.2 defaults 0.5 and 1.0 sat against SAM\'s 0.05), left out where'
+      ' that equals the default; decoupled WSAM; bSAM (learning rate: the'
+      f' base schedule, from lr / (1 - {MOMENTUM}) on SGD tasks); SAM-ON'
+      ' where the model has normalization layers; and the defaults'
+      ' revision: for each default changed since 0.2, the 0.2 value and the'
+      ' other values it was weighed against (rows named `variant'
+      ' knob=value`, at the variant\'s default rho). LookSAM and AE-SAM get'
+      ' no `total_steps` (what a user gets by default). One setting is not'
+      ' a default: ESAM with `gamma < 1` gets `batch_argnames=(\'batch\',)`,'
+      ' since its default guess of the per-example arguments (every array'
+      ' with a leading dimension) takes the dropout key and the BatchNorm'
+      ' statistics for examples and stops with an error. Nothing is wrapped'
+      ' in'
       ' `apply_if_finite`: a non-finite metric is reported as diverged.', '',
       'Gain kept = per seed (v - mean base) / (mean SAM - mean base), mean'
       ' ± std over seeds. x base = median over the timed rounds of the'
@@ -770,7 +817,8 @@ def parse_args(argv):
   parser.add_argument('--quick', action='store_true',
                       help='size quick, 1 seed; prints, writes nothing')
   parser.add_argument('--replot', action='store_true',
-                      help='only redraw the PNGs from results/tasks.json')
+                      help='only write tasks.md and the PNGs again, from'
+                      ' results/tasks.json')
   parser.add_argument('--no-progress', action='store_true')
   parser.add_argument('--only', default='',
                       help='main stage: only these configurations, merged'
@@ -804,6 +852,7 @@ def main(argv=None):
   args = parse_args(argv)
   stored = json.loads(JSON_PATH.read_text()) if JSON_PATH.exists() else {}
   if args.replot:
+    MD_PATH.write_text(document(stored))
     replot(stored)
     return stored
   stages = STAGES if args.stage == 'all' else (args.stage,)

@@ -77,18 +77,33 @@ def test_moonshot_mark(bench_tasks):
 
 def test_configurations_drop_duplicates(bench_tasks):
   names = [c.name for c in bench_tasks.configs(0.05, has_norm=False)]
-  # At SAM's default 0.05 only XSAM's default (0.15) differs; ASAM's 0.5
-  # and MSAM's 1.0 are 0.05 in their conventions.
+  # At SAM's default 0.05 only MSAM's default (0.3) differs from SAM's best
+  # rho in the variant's convention (x20 = 1); ASAM's 0.5 is 0.05 in its.
   variants = list(bench_tasks.VARIANTS) + ['decoupled_wsam']
-  expected = ['base', 'SAM', 'sam', 'asam', 'xsam', 'xsam rho=0.05',
-              *variants[3:]]
+  expected = ['base', 'SAM', *variants[:12], 'msam rho=1', *variants[12:]]
   assert names[:len(expected)] == expected
-  assert not any(' rho=' in n for n in names[len(expected):])
   names = [c.name for c in bench_tasks.configs(0.1, has_norm=True)]
   assert 'asam rho=1' in names and 'msam rho=2' in names
   assert 'sam rho=0.1' not in names and 'SAM-ON' in names
-  assert sum(' rho=' in n for n in names) == 13
   assert len(set(names)) == len(names)
+  assert sum(n.endswith(' rho=0.1') for n in names) == 11
+
+
+def test_the_defaults_revision_rows_are_the_other_values(bench_tasks):
+  # One row per value that is not the current default (that value is the
+  # variant's own row), the knob given to the factory, rho its default.
+  rows = {c.name: c for c in bench_tasks.revision_configs()}
+  for name, (knob, values) in bench_tasks.REVISION.items():
+    default = bench_tasks.default_value(name, knob)
+    assert default in values, (name, knob)
+    for value in values:
+      label = f'{name} {knob}={value:g}'
+      assert (label in rows) == (value != default), label
+  row = rows['wsam gamma=0.9']
+  assert row.hparams == {'rho': 0.05, 'gamma': 0.9}
+  assert rows['esam gamma=0.5'].gradients == 1.5
+  # A static knob is bound in the builder: one compiled family per value.
+  assert rows['esam gamma=0.5'].family != rows['esam gamma=0.8'].family
 
 
 def test_chunks_cover_the_steps(bench_tasks):
