@@ -120,17 +120,18 @@ def test_looksam_start_is_sgd_then_looksam():
 
 def test_looksam_deprecated_total_steps_still_starts_at_a_fifth():
   # total_steps=15: start = floor(0.2 * 15) = 3; default k = 8 (one SAM step
-  # in 8 steps), so steps 4-7 reuse the g_v stored at step 3.
+  # in 8 steps), so steps 4-7 reuse the g_v stored at step 3, with the
+  # default alpha = 0.1.
   with pytest.warns(DeprecationWarning, match=r'total_steps is deprecated'
                     r'.*start=3.*pass start='):
     tx = sam_optax.looksam(loss_fn, rho=0.3, total_steps=15)
-  flags = check(tx, looksam_reference(0.3, 8, 0.7, False, start=3))
+  flags = check(tx, looksam_reference(0.3, 8, 0.1, False, start=3))
   assert flags == [False] * 3 + [True] + [False] * 4
   # The default start is 0, given total_steps or not, once start is named.
   with warnings.catch_warnings():
     warnings.simplefilter('error')
     flags = check(sam_optax.looksam(loss_fn, rho=0.3, total_steps=15, start=0),
-                  looksam_reference(0.3, 8, 0.7, False, start=0))
+                  looksam_reference(0.3, 8, 0.1, False, start=0))
   assert flags == [True] + [False] * 7
 
 

@@ -124,11 +124,11 @@ def quadratic(params):
 
 
 def test_wsam_with_its_defaults_is_the_coupled_formula():
-  # rho 0.05, gamma 0.9: alpha = 9, g = g0 + 9 (g1 - g0), g1 = A (w + eps).
+  # rho 0.05, gamma 0.6: alpha = 1.5, g = g0 + 1.5 (g1 - g0), g1 = A (w + eps).
   w = np.array([0.5, -1.0, 2.0])
   g0 = A @ w
   g1 = A @ (w + 0.05 * g0 / np.linalg.norm(g0))
-  want = g0 + 9.0 * (g1 - g0)
+  want = g0 + 1.5 * (g1 - g0)
   tx = sam_optax.wsam(quadratic)
   params = {'w': jnp.asarray(w, jnp.float32)}
   out, state = tx.update(jax.grad(quadratic)(params), tx.init(params), params)

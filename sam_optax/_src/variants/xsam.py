@@ -206,7 +206,7 @@ def _combine(grid, probe_every, max_angle):
 
 @transformation.transformation
 def xsam(
-    rho: ScalarOrSchedule = 0.15,
+    rho: ScalarOrSchedule = 0.05,
     *,
     rho_max: ScalarOrSchedule = 0.15,
     probe_every: Optional[int] = 100,
