@@ -11,8 +11,9 @@ task:
   the best rho is the best mean validation metric.
 - ``main``: test split; the base, SAM at the best rho, every variant at its
   documented defaults and with rho from SAM's best rho (in the variant's
-  own convention, ``RHO_SCALE``), decoupled WSAM, bSAM, and SAM-ON where the
-  model has normalization layers (``configs``).
+  own convention, ``RHO_SCALE``), decoupled WSAM, bSAM, SAM-ON where the
+  model has normalization layers, and the old values of the defaults changed
+  since 0.2 (``REVISION``; all in ``configs``).
 
 Training: one jitted function per (task, configuration) runs ``lax.scan``
 over a chunk of steps; the seed's parameters, optimizer state, step index,
@@ -759,8 +760,8 @@ def document(all_results):
       '# The benchmark study: every variant on four tasks', '',
       'Written by `python benchmarks/bench_tasks.py` (raw results in'
       ' tasks.json; `--replot` writes the tables and figures from it again).'
-      ' Each task'
-      ' section names its machine, command, date and wall time.', '',
+      ' Each task section names its machine, command, date and wall time.',
+      '',
       'Configurations: the base optimizer; SAM at its best rho (the'
       ' validation sweep); each variant at its documented defaults, and at'
       ' SAM\'s best rho in the variant\'s own convention (ASAM\'s radius'
@@ -777,8 +778,8 @@ def document(all_results):
       ' since its default guess of the per-example arguments (every array'
       ' with a leading dimension) takes the dropout key and the BatchNorm'
       ' statistics for examples and stops with an error. Nothing is wrapped'
-      ' in'
-      ' `apply_if_finite`: a non-finite metric is reported as diverged.', '',
+      ' in `apply_if_finite`: a non-finite metric is reported as diverged.',
+      '',
       'Gain kept = per seed (v - mean base) / (mean SAM - mean base), mean'
       ' ± std over seeds. x base = median over the timed rounds of the'
       ' chunk time over the base\'s in the same round (side by side in one'
