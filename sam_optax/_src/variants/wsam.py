@@ -108,9 +108,10 @@ def wsam(
   The authors' default, the decoupled form whose sharpness term is a plain
   SGD step outside the base optimizer, is `decoupled_wsam`. The default
   ``gamma=0.6`` (:math:`\alpha = 1.5`) is ours: the paper's 0.9
-  (:math:`\alpha = 9`) belongs to the decoupled form, and in front of a
-  momentum optimizer it diverged or lost accuracy on all four tasks of our
-  study (docs/guide/choosing.md), where 0.6 trained on every one.
+  (:math:`\alpha = 9`) belongs to the decoupled form, and in front of the
+  base optimizer (SGD with momentum, AdamW) it diverged or lost accuracy on
+  all four tasks of our study (docs/guide/choosing.md), where 0.6 trained
+  on every one.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, sam_optax
